@@ -1,0 +1,343 @@
+"""Typed run configuration: the only place defaults live.
+
+A run is described by one YAML file (see ``examples/tiny/puzzle.yaml``). ``load_config`` parses
+it into :class:`PuzzleConfig`; unknown or mistyped keys are rejected with the field path, the
+value given and what is allowed. ``puzzle config validate FILE`` and ``puzzle config schema``
+expose the same checks on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can act on: names the field, the value and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ParentConfig(_Strict):
+    uri: str = Field(
+        description="The parent model: a local directory, an s3:// URI of a Hugging Face model "
+        "directory, or a hub name (hf://org/name; needs network access at run time)."
+    )
+    dtype: DType = Field("float32", description="Dtype the parent is loaded in for bld/score/assemble.")
+
+
+class DataConfig(_Strict):
+    distillation_uri: str = Field(description="Text (UTF-8, one document per line or a .jsonl with 'text') for BLD and GKD.")
+    validation_uri: str = Field(description="Held-out text for scoring and evaluation.")
+    seq_len: int = Field(256, ge=8, description="Tokens per training/validation sequence.")
+    distillation_tokens: int = Field(200_000, ge=1, description="Upper bound of distillation tokens tokenized by prepare.")
+    validation_tokens: int = Field(20_000, ge=1, description="Upper bound of validation tokens tokenized by prepare.")
+    shard_tokens: int = Field(1_000_000, ge=1024, description="Tokens per shard file in the store.")
+
+
+class AttentionSpace(_Strict):
+    n_heads_in_group: list[int] = Field(
+        default_factory=lambda: [1, 2, 4, 8],
+        description="GQA variants: num_key_value_heads = num_attention_heads / n_heads_in_group. "
+        "Values not dividing the parent's head count are an error.",
+    )
+    replace_with_linear: bool = Field(True, description="Offer one hidden-to-hidden linear map in place of attention.")
+    no_op: bool = Field(True, description="Offer removing the attention sub-block.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AttentionSpace:
+        for v in self.n_heads_in_group:
+            if v < 1:
+                raise ValueError(f"n_heads_in_group: value {v} is not allowed; each must be an integer >= 1")
+        if len(set(self.n_heads_in_group)) != len(self.n_heads_in_group):
+            raise ValueError(f"n_heads_in_group: {self.n_heads_in_group} has duplicates")
+        return self
+
+
+class FFNSpace(_Strict):
+    ffn_mult: list[float] = Field(
+        default_factory=lambda: [0.5, 1.0, 1.5, 2.0],
+        description="SwiGLU variants: intermediate = round_up(int(2*ffn_mult*hidden/3), 256) as vLLM's "
+        "nemotron_nas loader computes it (written explicitly where that rounding is too coarse).",
+    )
+    replace_with_linear: bool = Field(True, description="Offer one hidden-to-hidden linear map in place of the FFN.")
+    no_op: bool = Field(True, description="Offer removing the FFN sub-block.")
+
+    @model_validator(mode="after")
+    def _check(self) -> FFNSpace:
+        for v in self.ffn_mult:
+            if not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"ffn_mult: value {v} is not allowed; each must be a finite number > 0")
+        if len(set(self.ffn_mult)) != len(self.ffn_mult):
+            raise ValueError(f"ffn_mult: {self.ffn_mult} has duplicates")
+        return self
+
+
+class SearchSpaceConfig(_Strict):
+    attention: AttentionSpace = Field(default_factory=AttentionSpace)
+    ffn: FFNSpace = Field(default_factory=FFNSpace)
+    include_parent: bool = Field(True, description="Keep the parent's own attention/FFN as a candidate per layer.")
+    serving: Literal["any", "vllm"] = Field(
+        "any",
+        description="'vllm': only variants vLLM's nemotron_nas loader can serve (no replace_with_linear).",
+    )
+
+    @model_validator(mode="after")
+    def _serving(self) -> SearchSpaceConfig:
+        if self.serving == "vllm":
+            bad = [n for n, s in (("attention", self.attention), ("ffn", self.ffn)) if s.replace_with_linear]
+            if bad:
+                raise ValueError(
+                    f"serving: 'vllm' cannot load replace_with_linear blocks, but "
+                    f"{', '.join(f'{b}.replace_with_linear' for b in bad)} is true; set it to false or use serving: any"
+                )
+        return self
+
+
+class BLDConfig(_Strict):
+    mode: Literal["decoupled", "coupled"] = Field(
+        "decoupled", description="decoupled: attention variants train with the parent FFN and vice versa."
+    )
+    layers_per_unit: int = Field(2, ge=1, description="Layers of one variant trained by one bld unit (one pod).")
+    tokens: int = Field(100_000, ge=1, description="Training tokens per unit.")
+    batch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, le=1, description="Fraction of steps with linear warm-up.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints in the store.")
+    eval_tokens: int = Field(8192, ge=1, description="Held-out tokens for initial/final normalized MSE.")
+    calibration_tokens: int = Field(8192, ge=1, description="Tokens used to initialize variants from the parent.")
+    seed: int = 0
+
+
+class Scenario(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="DNS-label name, used in artifact keys.")
+    batch_size: int = Field(ge=1)
+    input_len: int = Field(ge=1)
+    output_len: int = Field(ge=1)
+    dtype: DType = "float32"
+    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N': the target the profile measures.")
+
+
+class ProfileConfig(_Strict):
+    scenarios: list[Scenario] = Field(min_length=1)
+    warmup: int = Field(3, ge=0, description="Untimed repetitions before measuring.")
+    repeats: int = Field(10, ge=1, description="Timed repetitions; the median is used.")
+    decode_points: int = Field(5, ge=2, description="Context lengths sampled across the output range.")
+    backend: Literal["torch", "vllm"] = "torch"
+    cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs on GPU.")
+    estimate_peak_tflops: float = Field(989.0, gt=0, description="Peak dense FLOP/s (TFLOP/s) for the roofline estimate.")
+    estimate_bandwidth_gbps: float = Field(3350.0, gt=0, description="Memory bandwidth (GB/s) for the roofline estimate.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> ProfileConfig:
+        names = [s.name for s in self.scenarios]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"scenarios: name(s) {dup} appear more than once; names must be unique")
+        return self
+
+
+class ScoreConfig(_Strict):
+    metric: Literal["kl", "lm_loss", "cosine", "task_accuracy"] = Field(
+        "kl", description="Replace-1-block degradation the solver minimizes."
+    )
+    tokens: int = Field(8192, ge=1, description="Held-out tokens scored per (layer, variant).")
+    batch_size: int = Field(8, ge=1)
+    layers_per_unit: int = Field(2, ge=1, description="Layers scored by one score unit.")
+    task_examples: int = Field(0, ge=0, description="Tiny-task examples for exact-match scoring (0: off).")
+
+
+class ThroughputConstraint(_Strict):
+    scenario: str = Field(description="Name of a profile scenario.")
+    min_speedup: float | None = Field(None, gt=0, description="Throughput at least this multiple of the parent's.")
+    min_tokens_per_s: float | None = Field(None, gt=0, description="Absolute throughput floor.")
+
+    @model_validator(mode="after")
+    def _one(self) -> ThroughputConstraint:
+        if (self.min_speedup is None) == (self.min_tokens_per_s is None):
+            raise ValueError("give exactly one of min_speedup or min_tokens_per_s")
+        return self
+
+
+class SolveConfig(_Strict):
+    throughput: list[ThroughputConstraint] = Field(default_factory=list)
+    memory_gib: float | None = Field(None, gt=0, description="Weights + KV cache (at each scenario's batch and length) limit.")
+    max_prefill_latency_s: float | None = Field(None, gt=0, description="Prefill latency limit for every scenario.")
+    max_params: int | None = Field(None, gt=0, description="Parameter-count limit of the child.")
+    num_solutions: int = Field(1, ge=1, description="Diverse solutions returned.")
+    min_hamming_distance: int = Field(1, ge=1, description="Layer choices in which each solution differs from earlier ones.")
+    time_limit_s: float = Field(60.0, gt=0, description="CBC time limit per solve; the gap is reported when hit.")
+    pareto_points: int = Field(10, ge=0, description="Throughput targets in the Pareto sweep.")
+
+
+class GKDConfig(_Strict):
+    enabled: bool = False
+    tokens: int = Field(50_000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    kl_weight: float = Field(1.0, ge=0)
+    cosine_weight: float = Field(1.0, ge=0)
+
+
+class AssembleConfig(_Strict):
+    gkd: GKDConfig = Field(default_factory=GKDConfig)
+    max_shard_bytes: int = Field(5 * 2**30, ge=1024, description="Safetensors shard size when saving the child.")
+
+
+class ICLEvalConfig(_Strict):
+    enabled: bool = False
+    methods: list[Literal["random", "topk", "cover_utt", "cover_ls"]] = Field(
+        default_factory=lambda: ["random", "topk", "cover_ls"]
+    )
+    datasets: list[str] = Field(default_factory=lambda: ["scan:template"], description="dataset:split pairs.")
+    num_demonstrations: int = Field(8, ge=1)
+    num_test: int = Field(50, ge=1)
+    max_structure_size: int = Field(4, ge=1)
+    structures: Literal["predicted", "oracle"] = "predicted"
+    num_beams: int = Field(3, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(_Strict):
+    tokens: int = Field(8192, ge=1, description="Held-out tokens for KL and perplexity.")
+    task_examples: int = Field(100, ge=0, description="Tiny-task (SCAN) exact-match examples (0: off).")
+    measure_throughput: bool = True
+    baselines: bool = Field(True, description="Also build uniform-FFN-shrink and layer-drop baselines.")
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness task names or JSON files.")
+    icl: ICLEvalConfig = Field(default_factory=ICLEvalConfig)
+
+
+class StoreConfig(_Strict):
+    uri: str = Field("file://./runs", description="Where runs live: file://PATH or s3://BUCKET/PREFIX.")
+    endpoint_url: str | None = Field(None, description="S3 endpoint (else AWS_ENDPOINT_URL).")
+    region: str | None = Field(None, description="S3 region (else AWS_REGION / AWS_DEFAULT_REGION).")
+    path_style: bool = Field(True, description="Path-style addressing, as S3-compatible servers expect.")
+
+    @model_validator(mode="after")
+    def _scheme(self) -> StoreConfig:
+        if not (self.uri.startswith("file://") or self.uri.startswith("s3://")):
+            raise ValueError(f"uri: {self.uri!r} is not allowed; use file://PATH or s3://BUCKET[/PREFIX]")
+        return self
+
+
+class MetricsConfig(_Strict):
+    pushgateway_url: str | None = Field(None, description="Push metrics here (grouping key run/step/unit).")
+
+
+class PuzzleConfig(_Strict):
+    """One Puzzle run: parent, data, search space and the settings of every step."""
+
+    name: str = Field("puzzle", pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="Run name prefix (DNS label).")
+    seed: int = 0
+    parent: ParentConfig
+    data: DataConfig
+    search_space: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
+    bld: BLDConfig = Field(default_factory=BLDConfig)
+    profile: ProfileConfig
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    solve: SolveConfig = Field(default_factory=SolveConfig)
+    assemble: AssembleConfig = Field(default_factory=AssembleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _cross(self) -> PuzzleConfig:
+        names = {s.name for s in self.profile.scenarios}
+        for i, t in enumerate(self.solve.throughput):
+            if t.scenario not in names:
+                raise ValueError(
+                    f"solve.throughput.{i}.scenario: {t.scenario!r} is not a profile scenario; "
+                    f"allowed: {sorted(names)}"
+                )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Walk the schema along ``loc`` (minus the last element) and return the fields allowed there."""
+    cur: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
+            return None
+        ann = cur.model_fields[part].annotation
+        cur = _inner_model(ann)
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return None
+
+
+def _inner_model(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        m = _inner_model(arg)
+        if m is not None:
+            return m
+    return None
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel] = PuzzleConfig) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "<root>"
+        value = e.get("input")
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc) or []
+            lines.append(f"{path}: unknown key; allowed keys here: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: required field is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            ctx = e.get("ctx") or {}
+            if "expected" in ctx:
+                msg = f"{msg} (allowed: {ctx['expected']})"
+            shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+            lines.append(f"{path}: value {shown} is not allowed: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> PuzzleConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return PuzzleConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid configuration\n{format_validation_error(err)}") from None
+
+
+def load_config_text(text: str, source: str = "<config>") -> PuzzleConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    return parse_config(data, source)
+
+
+def load_config(path: str | Path) -> PuzzleConfig:
+    """Read and validate a run config. Relative local URIs stay relative to the current directory."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    return load_config_text(p.read_text(encoding="utf-8"), str(p))
+
+
+def json_schema() -> dict[str, Any]:
+    return PuzzleConfig.model_json_schema()
+
