@@ -108,3 +108,37 @@ def sample(n: int, seed: int = 0) -> list[Example]:
     rng = random.Random(seed)
     pool = all_examples()
     return [pool[i] for i in rng.sample(range(len(pool)), min(n, len(pool)))]
+
+
+SPLITS = ("simple", "add_primitive", "length", "template")
+
+
+def split(name: str, seed: int = 0) -> tuple[list[Example], list[Example]]:
+    """(train, test) of a SCAN split, deterministic in seed.
+
+    - ``simple``: random 80/20.
+    - ``add_primitive`` (Lake & Baroni's "jump"): ``jump`` is seen only alone in train; test holds
+      every other command that contains it.
+    - ``length``: train has action sequences of at most 22 actions, test the longer ones.
+    - ``template`` (Loula et al. 2018, "around right"): no command with ``around right`` in train;
+      test holds all of them, so the template must be composed from ``around left`` and ``right``.
+    """
+    pool = list(all_examples())
+    if name == "simple":
+        rng = random.Random(seed)
+        idx = list(range(len(pool)))
+        rng.shuffle(idx)
+        cut = int(0.8 * len(idx))
+        return [pool[i] for i in idx[:cut]], [pool[i] for i in idx[cut:]]
+    if name == "add_primitive":
+        test = [e for e in pool if "jump" in e.command.split() and e.command != "jump"]
+        train = [e for e in pool if "jump" not in e.command.split() or e.command == "jump"]
+    elif name == "length":
+        train = [e for e in pool if len(e.actions.split()) <= 22]
+        test = [e for e in pool if len(e.actions.split()) > 22]
+    elif name == "template":
+        test = [e for e in pool if "around right" in e.command]
+        train = [e for e in pool if "around right" not in e.command]
+    else:
+        raise ValueError(f"SCAN split {name!r} is unknown; allowed: {', '.join(SPLITS)}")
+    return train, test
