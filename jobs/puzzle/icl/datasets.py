@@ -294,3 +294,12 @@ def _compound_split(pool: list[Item], rng: random.Random, test_fraction: float) 
         held.add(c)
         is_test = trial
     return [it for it, t in zip(pool, is_test) if not t], [it for it, t in zip(pool, is_test) if t]
+
+
+def funql_split(split: str = "compound", seed: int = 0) -> tuple[list[Item], list[Item]]:
+    """(train, test) of the FunQL (geo) language, the entry point the training corpus looks for.
+
+    ``"compositional"`` names the compound (TMCD-like) split, the geo split whose test programs
+    are compositional by construction.
+    """
+    return geo_split("compound" if split == "compositional" else split, seed)
