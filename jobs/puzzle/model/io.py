@@ -1,0 +1,297 @@
+"""Save/load the child in the Hugging Face nemotron-nas format, and convert a parent into it.
+
+``save_pretrained`` writes config.json, safetensors weights (sharded with model.safetensors.index.json
+above ``max_shard_bytes``), generation_config.json and the tokenizer files. ``load_pretrained`` reads
+them back. ``load_parent`` accepts a LlamaForCausalLM directory (Mistral and Qwen2 where the layout is
+the same) or an existing nemotron-nas directory and returns the heterogeneous model with every layer
+the parent variant. Weights are read with safetensors only; pickle checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from puzzle.model.config import ModelConfig, _rope_from_hf
+from puzzle.model.modeling import DeciLMForCausalLM
+from puzzle.model.variants import AttentionVariant, BlockConfig, BlockConfigError, FFNVariant
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded: says which file or field and why."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for k, v in _DTYPES.items():
+        if v == dtype:
+            return k
+    raise ValueError(f"dtype: {dtype} is not allowed; allowed: {list(_DTYPES)}")
+
+
+def save_pretrained(
+    model: DeciLMForCausalLM,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    serving: str = "any",
+) -> Path:
+    """Write the model as a nemotron-nas Hugging Face directory; returns ``out_dir``.
+
+    ``serving='vllm'`` refuses replace_with_linear blocks, which vLLM's nemotron_nas loader cannot build.
+    """
+    cfg = model.current_config()
+    if serving not in ("any", "vllm"):
+        raise ValueError(f"serving: {serving!r} is not allowed; allowed: 'any', 'vllm'")
+    if serving == "vllm":
+        bad = [
+            f"layer {i} {part}"
+            for i, b in enumerate(cfg.block_configs)
+            for part, v in (("attention", b.attention), ("ffn", b.ffn))
+            if v.replace_with_linear
+        ]
+        if bad:
+            raise ValueError(
+                f"serving: 'vllm' cannot load replace_with_linear blocks, but the child has them at "
+                f"{', '.join(bad)}; choose other variants there or save with serving='any'"
+            )
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes: {max_shard_bytes} is not allowed; must be >= 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # tied: Hugging Face stores only the embedding
+    dtype = next(iter(sd.values())).dtype
+    cfg.torch_dtype = _dtype_name(dtype)
+
+    # Greedy sharding in state_dict order; a single tensor larger than the limit gets its own shard.
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nb = v.numel() * v.element_size()
+        if shards[-1] and size + nb > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nb
+    for old in list(out.glob("model*.safetensors")) + [out / INDEX_NAME]:
+        old.unlink(missing_ok=True)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / SINGLE_NAME), metadata={"format": "pt"})
+    else:
+        n = len(shards)
+        weight_map = {}
+        for i, sh in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            save_file(sh, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in sh})
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        (out / INDEX_NAME).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+        )
+    (out / "config.json").write_text(cfg.to_json_string())
+    gen: dict[str, Any] = {"do_sample": False}
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(cfg, k) is not None:
+            gen[k] = getattr(cfg, k)
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, out)
+    return out
+
+
+def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files found in ``src`` to ``dst``; returns their names."""
+    s = Path(src)
+    if not s.is_dir():
+        raise ModelLoadError(f"tokenizer_dir: {str(s)!r} is not a directory")
+    copied = [f for f in _TOKENIZER_FILES if (s / f).is_file()]
+    if not copied:
+        raise ModelLoadError(f"tokenizer_dir: {str(s)!r} holds none of {list(_TOKENIZER_FILES)}")
+    for f in copied:
+        if (s / f).resolve() != (Path(dst) / f).resolve():
+            shutil.copyfile(s / f, Path(dst) / f)
+    return copied
+
+
+def _weight_files(d: Path) -> list[Path]:
+    if (d / INDEX_NAME).is_file():
+        idx = json.loads((d / INDEX_NAME).read_text())
+        files = sorted(set(idx.get("weight_map", {}).values()))
+        missing = [f for f in files if not (d / f).is_file()]
+        if missing:
+            raise ModelLoadError(f"{d / INDEX_NAME}: shard file(s) {missing} listed but not present")
+        return [d / f for f in files]
+    if (d / SINGLE_NAME).is_file():
+        return [d / SINGLE_NAME]
+    st = sorted(d.glob("*.safetensors"))
+    if st:
+        return st
+    pickles = sorted(p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise ModelLoadError(
+            f"{d}: only pickle weights {pickles} found; pickle checkpoints are not loaded (they can run code). "
+            f"Convert them to safetensors first, e.g. transformers' save_pretrained(..., safe_serialization=True)"
+        )
+    raise ModelLoadError(f"{d}: no weights found (expected {SINGLE_NAME} or {INDEX_NAME} with shards)")
+
+
+def read_safetensors(d: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a Hugging Face directory (single file or sharded)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in _weight_files(Path(d)):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                out[k] = fh.get_tensor(k)
+    return out
+
+
+def _load_weights(model: DeciLMForCausalLM, sd: dict[str, torch.Tensor], source: str) -> None:
+    sd = {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    expected = model.state_dict()
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        msg = [f"{source}: weights do not match the config"]
+        if missing:
+            msg.append(f"missing {len(missing)}: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            msg.append(f"unexpected {len(unexpected)}: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        raise ModelLoadError("; ".join(msg))
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ModelLoadError(
+                f"{source}: weight {k} has shape {tuple(v.shape)} but the config needs {tuple(expected[k].shape)}"
+            )
+    model.load_state_dict(sd, strict=False)
+
+
+def _finish(model: DeciLMForCausalLM, dtype: torch.dtype | str | None, device: str | torch.device) -> DeciLMForCausalLM:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype: {dtype!r} is not allowed; allowed: {list(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    if dtype is not None:
+        model.to(dtype)
+    model.to(device)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype | str | None = torch.float32, device: str | torch.device = "cpu"
+) -> DeciLMForCausalLM:
+    """Load a nemotron-nas directory written by ``save_pretrained`` (or by NVIDIA's tools)."""
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        raise ModelLoadError(f"{d}: config.json not found")
+    cfg = ModelConfig.from_json_file(d / "config.json")
+    with torch.device("meta"):
+        model = DeciLMForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    model.model.inv_freq = _inv_freq_for(cfg)
+    _load_weights(model, read_safetensors(d), str(d))
+    return _finish(model, dtype, device)
+
+
+def _inv_freq_for(cfg: ModelConfig) -> torch.Tensor:
+    from puzzle.model.modeling import rope_inv_freq
+
+    return rope_inv_freq(cfg)
+
+
+_PARENT_TYPES = ("llama", "mistral", "qwen2")
+
+
+def parent_model_config(d: dict[str, Any], source: str) -> ModelConfig:
+    """A ModelConfig (every layer the parent variant) from a Llama / Mistral / Qwen2 config.json."""
+    mt = d.get("model_type")
+    if mt not in _PARENT_TYPES:
+        raise ModelLoadError(
+            f"{source}: model_type {mt!r} is not allowed; allowed: {list(_PARENT_TYPES)} or 'nemotron-nas'"
+        )
+    for k in ("attention_bias", "mlp_bias"):
+        if d.get(k):
+            raise ModelLoadError(f"{source}: {k}: true is not supported (the nemotron-nas child has no biases)")
+    if mt == "qwen2":
+        # Qwen2 always has q/k/v biases; the weight check below catches them with the tensor names.
+        pass
+    if d.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"{source}: hidden_act {d.get('hidden_act')!r} is not allowed; allowed: 'silu'")
+    sw = d.get("sliding_window")
+    use_sw = d.get("use_sliding_window", mt == "mistral")
+    if sw is not None and use_sw and sw < d.get("max_position_embeddings", 0):
+        raise ModelLoadError(
+            f"{source}: sliding_window {sw} is not supported (attention here is full causal); "
+            f"allowed: null or >= max_position_embeddings"
+        )
+    h, nh = d["hidden_size"], d["num_attention_heads"]
+    nkv = d.get("num_key_value_heads") or nh
+    if nh % nkv:
+        raise ModelLoadError(f"{source}: num_key_value_heads {nkv} does not divide num_attention_heads {nh}")
+    try:
+        theta, scaling = _rope_from_hf(d)
+    except BlockConfigError as e:
+        raise ModelLoadError(f"{source}: {e}") from None
+    block = BlockConfig(AttentionVariant.gqa(nh // nkv), FFNVariant.exact(d["intermediate_size"]))
+    return ModelConfig(
+        vocab_size=d["vocab_size"],
+        hidden_size=h,
+        num_attention_heads=nh,
+        block_configs=[block] * d["num_hidden_layers"],
+        head_dim=d.get("head_dim") or h // nh,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+        pad_token_id=d.get("pad_token_id"),
+        torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+    )
+
+
+def load_parent(
+    path: str | Path, dtype: torch.dtype | str | None = torch.float32, device: str | torch.device = "cpu"
+) -> DeciLMForCausalLM:
+    """The parent as a heterogeneous model: a Llama-layout directory or a nemotron-nas directory."""
+    d = Path(path)
+    if not (d / "config.json").is_file():
+        raise ModelLoadError(f"{d}: config.json not found; expected a Hugging Face model directory")
+    raw = json.loads((d / "config.json").read_text())
+    if raw.get("model_type") == "nemotron-nas":
+        return load_pretrained(d, dtype, device)
+    cfg = parent_model_config(raw, str(d / "config.json"))
+    sd = read_safetensors(d)
+    bias = sorted(k for k in sd if k.endswith(".bias"))
+    if bias:
+        raise ModelLoadError(
+            f"{d}: bias weights {bias[:4]}{' ...' if len(bias) > 4 else ''} are not supported "
+            f"(e.g. Qwen2 attention biases); the nemotron-nas child has none"
+        )
+    with torch.device("meta"):
+        model = DeciLMForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    model.model.inv_freq = _inv_freq_for(cfg)
+    _load_weights(model, sd, str(d))
+    return _finish(model, dtype, device)
