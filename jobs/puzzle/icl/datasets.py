@@ -177,7 +177,11 @@ def _filters(t: str) -> list[tuple[str, str, str]]:
     if t != "state":
         out.append(("loc_2", "state", "in {}"))
     if t == "state":
-        out += [("next_to_2", "state", "bordering {}"), ("traverse_1", "river", "crossed by {}")]
+        out += [
+            ("next_to_2", "state", "bordering {}"),
+            ("traverse_1", "river", "crossed by {}"),
+            ("loc_1", "city", "containing {}"),
+        ]
     if t == "river":
         out.append(("traverse_2", "state", "crossing {}"))
     return out
@@ -262,15 +266,34 @@ def geo_split(name: str, seed: int = 0, test_fraction: float = 0.2) -> tuple[lis
         cut = int((1 - test_fraction) * len(idx))
         return [pool[i] for i in sorted(idx[:cut])], [pool[i] for i in sorted(idx[cut:])]
     if name == "template":
-        templates = sorted({str(anonymize(it.program_tree)) for it in pool})
-        rng.shuffle(templates)
-        held = set(templates[: int(test_fraction * len(templates))])
+        held = _held_out_templates(pool, rng, test_fraction)
         test = [it for it in pool if str(anonymize(it.program_tree)) in held]
         train = [it for it in pool if str(anonymize(it.program_tree)) not in held]
         return train, test
     if name == "compound":
         return _compound_split(pool, rng, test_fraction)
     raise ValueError(f"geo split {name!r} is unknown; allowed: {', '.join(GEO_SPLITS)}")
+
+
+def _held_out_templates(pool: list[Item], rng: random.Random, test_fraction: float) -> set[str]:
+    """A seeded ``test_fraction`` of the templates, skipping any whose removal would take an atom
+    out of training (the split tests new combinations, not unseen symbols)."""
+    atoms_of = {str(anonymize(it.program_tree)): atoms(it.program_tree) for it in pool}
+    templates = sorted(atoms_of)
+    rng.shuffle(templates)
+    count: dict[str, int] = {}
+    for t in templates:
+        for a in atoms_of[t]:
+            count[a] = count.get(a, 0) + 1
+    held: set[str] = set()
+    for t in templates:
+        if len(held) >= int(test_fraction * len(templates)):
+            break
+        if all(count[a] > 1 for a in atoms_of[t]):
+            held.add(t)
+            for a in atoms_of[t]:
+                count[a] -= 1
+    return held
 
 
 def _compound_split(pool: list[Item], rng: random.Random, test_fraction: float) -> tuple[list[Item], list[Item]]:

@@ -1,0 +1,91 @@
+"""Local structures of hand-worked program trees (exact expected sets) and the program parser."""
+
+from __future__ import annotations
+
+import pytest
+from puzzle.icl.datasets import scan_program
+from puzzle.icl.structures import Structure, Tree, anonymize, local_structures, parse_program
+
+
+def texts(tree: Tree, max_size: int) -> set[str]:
+    return {s.text for s in local_structures(tree, max_size)}
+
+
+def test_scan_around_right_exact_set():
+    t = parse_program("around(walk,right)")
+    assert texts(t, 3) == {
+        "around", "walk", "right",
+        "around(walk, _)", "around(_, right)", "walk ~ right",
+        "around(walk, right)",
+    }
+
+
+def test_sizes_are_node_counts_and_grow_with_max_size():
+    t = parse_program("twice(around(walk,right))")
+    got = local_structures(t, 4)
+    assert {s.text: s.size for s in got} == {
+        "twice": 1, "around": 1, "walk": 1, "right": 1,
+        "twice(around)": 2, "around(walk, _)": 2, "around(_, right)": 2, "walk ~ right": 2,
+        "twice(around(walk, _))": 3, "twice(around(_, right))": 3, "around(walk, right)": 3,
+        "twice(around(walk, right))": 4,
+    }
+    assert {s for s in got if s.size <= 2} == local_structures(t, 2)
+    assert texts(t, 1) == {"twice", "around", "walk", "right"}
+
+
+def test_three_arguments_sibling_edges_only_between_consecutive_arguments():
+    t = parse_program("p(a,b,c)")
+    assert texts(t, 3) == {
+        "p", "a", "b", "c",
+        "p(a, _, _)", "p(_, b, _)", "p(_, _, c)", "a ~ b", "b ~ c",
+        "p(a, b, _)", "p(a, _, c)", "p(_, b, c)", "a ~ b ~ c",
+    }
+    assert "a ~ c" not in texts(t, 4)
+
+
+def test_sibling_edge_needs_both_ends_to_be_leaves_of_the_subgraph():
+    # {a, x, b} is connected only through the sibling edge a~b, but a has its child x in the
+    # sub-graph, so it is not a leaf: that set is not a local structure.
+    t = parse_program("p(a(x),b)")
+    assert texts(t, 3) == {
+        "p", "a", "x", "b",
+        "p(a, _)", "p(_, b)", "a(x)", "a ~ b",
+        "p(a(x), _)", "p(a, b)",
+    }
+
+
+def test_values_are_anonymized():
+    t = parse_program("answer(river(loc_2(stateid('texas'))))")
+    got = texts(t, 2)
+    assert "<v>" in got and "stateid(<v>)" in got
+    assert not any("texas" in s for s in got)
+    other = parse_program("answer(river(loc_2(stateid('ohio'))))")
+    assert local_structures(t, 4) == local_structures(other, 4)
+    assert str(anonymize(t)) == "answer(river(loc_2(stateid('<v>'))))"
+
+
+def test_scan_command_program():
+    assert str(scan_program("walk around right twice and jump")) == "and(twice(around(walk,right)),jump)"
+    assert str(scan_program("turn left after look opposite right thrice")) == (
+        "after(dir(turn,left),thrice(opposite(look,right)))"
+    )
+    with pytest.raises(ValueError, match="outside the grammar"):
+        scan_program("walk sideways")
+
+
+def test_parse_round_trip_and_errors():
+    s = "answer(count(river(loc_2(stateid('texas')))))"
+    assert str(parse_program(s)) == s
+    assert parse_program(" f( a , 'b c' ) ") == Tree("f", (Tree("a"), Tree("b c", (), True)))
+    for bad in ["", "f(a", "f(a))", "f(,)", "f(a) g", "f(a;b)"]:
+        with pytest.raises(ValueError):
+            parse_program(bad)
+
+
+def test_max_size_must_be_positive():
+    with pytest.raises(ValueError, match="max_size: value 0"):
+        local_structures(Tree("a"), 0)
+
+
+def test_structure_is_sortable_tuple():
+    assert sorted([Structure(2, "b"), Structure(1, "z")])[0] == Structure(1, "z")
