@@ -308,3 +308,28 @@ def rbac_violations(objects: list[dict[str, Any]], allow: dict[tuple[str, str], 
                     if extra:
                         bad.append(f"{where}: verbs {sorted(extra)} on {group}/{res} exceed {sorted(allowed)}")
     return bad
+
+
+def _dropped(original: Any, parsed: Any, path: str) -> list[str]:
+    if isinstance(original, dict):
+        if not isinstance(parsed, dict):
+            return [path]
+        return [x for k, v in original.items()
+                for x in (_dropped(v, parsed[k], f"{path}.{k}") if k in parsed else [f"{path}.{k}"])]
+    if isinstance(original, list):
+        if not isinstance(parsed, list) or len(parsed) != len(original):
+            return [path]
+        return [x for i, (a, b) in enumerate(zip(original, parsed)) for x in _dropped(a, b, f"{path}[{i}]")]
+    return []
+
+
+def argo_unknown_fields(manifest: dict[str, Any]) -> list[str]:
+    """Paths Hera's Argo models do not know (they parse leniently and drop them): typos, wrong nesting.
+
+    Raises pydantic's ValidationError when a known field has the wrong type.
+    """
+    from hera.workflows import models as m
+
+    model_cls = {"WorkflowTemplate": m.WorkflowTemplate, "Workflow": m.Workflow}[manifest["kind"]]
+    parsed = model_cls.model_validate(manifest).model_dump(mode="json", by_alias=True, exclude_none=True)
+    return _dropped(manifest, parsed, "")
