@@ -155,7 +155,7 @@ def read_safetensors(d: str | Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in _weight_files(Path(d)):
         with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
+            for k in fh:
                 out[k] = fh.get_tensor(k)
     return out
 

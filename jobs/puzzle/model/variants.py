@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # Rounding more coarse than this (relative growth) is replaced by an explicit, finer intermediate size.
@@ -110,12 +110,14 @@ class FFNVariant:
     """One FFN choice. ``kind``: 'swiglu' (needs intermediate_size), 'linear' or 'noop'.
 
     ``ffn_mult`` is set when the variant came from the search space's ffn_mult list (name
-    ``ffn_m{ffn_mult}``); it is None for an exact intermediate size (name ``ffn_i{size}``).
+    ``ffn_m{ffn_mult}``); it is None for an exact intermediate size (name ``ffn_i{size}``). It is a
+    label only: equality and hashing use the module's shape (kind, intermediate_size), because
+    config.json stores sizes, and a size reachable both ways may come back from disk under the other name.
     """
 
     kind: str
     intermediate_size: int | None = None
-    ffn_mult: float | None = None
+    ffn_mult: float | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("swiglu", "linear", "noop"):
