@@ -117,3 +117,13 @@ def test_bad_use_is_rejected_with_the_name() -> None:
         m.inc("c", -1)
     with pytest.raises(ValueError, match="run_id"):
         StepMetrics("", "bld", "u")
+
+
+def test_only_metrics_module_imports_prometheus_client() -> None:
+    package = Path(__file__).resolve().parents[1] / "jobs" / "puzzle"
+    importers = sorted(
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if re.search(r"^\s*(import|from)\s+prometheus_client\b", p.read_text(encoding="utf-8"), re.MULTILINE)
+    )
+    assert importers == ["metrics.py"]
