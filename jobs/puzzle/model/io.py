@@ -155,7 +155,7 @@ def read_safetensors(d: str | Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in _weight_files(Path(d)):
         with safe_open(str(f), framework="pt") as fh:
-            for k in fh:
+            for k in fh.keys():  # noqa: SIM118  (safe_open is not iterable)
                 out[k] = fh.get_tensor(k)
     return out
 
