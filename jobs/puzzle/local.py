@@ -1,0 +1,140 @@
+"""The local runner: the pipeline's DAG on one machine, units fanned out to worker processes.
+
+``puzzle run CONFIG`` creates a run in the config's store (default ``file://./runs``) and runs every
+step of :mod:`puzzle.pipeline` in dependency order; the units of one step go to a pool of worker
+processes (one per GPU on a multi-GPU machine). A unit that completed has a done marker in the store
+and is never run again, so ``puzzle run --resume RUN_URI`` picks up where a failed or killed run
+stopped. The run URI is printed last.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from puzzle import pipeline
+from puzzle.config import PuzzleConfig
+from puzzle.context import CONFIG_KEY, done_key, load_run_config, run_id_of
+from puzzle.store import open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UnitFailure(Exception):
+    step: str
+    unit_id: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"step {self.step}, unit {self.unit_id}: {self.message}"
+
+
+def _worker_init(threads: int, gpu_queue) -> None:
+    if gpu_queue is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _worker_run(step: str, run_uri: str, unit: dict[str, Any]) -> tuple[str, str, float]:
+    from puzzle.context import run_step
+
+    started = time.time()
+    try:
+        run_step(step, run_uri, unit)
+    except Exception as err:  # noqa: BLE001 - reported to the parent with the unit named
+        return ("error", f"{type(err).__name__}: {err}", time.time() - started)
+    return ("ok", "", time.time() - started)
+
+
+def pending_units(store, step: pipeline.Step) -> list[dict[str, Any]]:
+    units = [{"id": "all"}] if step.fan_out is None else store.get_json(f"plan/{step.fan_out}.json")
+    return [u for u in units if not store.exists(done_key(step.name, str(u["id"])))]
+
+
+def default_workers() -> int:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+    except ImportError:
+        pass
+    return min(2, os.cpu_count() or 1)
+
+
+def run_pipeline(run_uri: str, workers: int | None = None, steps: list[str] | None = None,
+                 progress: bool = True) -> None:
+    """Run (or resume) every pending unit of the run at ``run_uri``. Raises UnitFailure on the first failure."""
+    run_id_of(run_uri)
+    store = open_store(run_uri)
+    config = load_run_config(store, run_uri)
+    store = open_store(run_uri, config.store)
+    workers = workers or default_workers()
+    gpus = _gpu_count()
+    threads = max(1, (os.cpu_count() or 1) // workers) if gpus == 0 else max(1, (os.cpu_count() or 1) // gpus)
+    ctx = mp.get_context("spawn")
+    gpu_queue = None
+    if gpus:
+        workers = min(workers, gpus)
+        gpu_queue = ctx.Queue()
+        for i in range(workers):
+            gpu_queue.put(i)
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                initargs=(threads, gpu_queue)) as pool:
+        for level in pipeline.levels():
+            todo = [(s, u) for s in level if steps is None or s.name in steps for u in pending_units(store, s)]
+            if not todo:
+                continue
+            names = "+".join(s.name for s in level)
+            bar = tqdm(total=len(todo), desc=names, unit="unit", disable=not progress, file=sys.stderr)
+            futures = {pool.submit(_worker_run, s.name, run_uri, u): (s, u) for s, u in todo}
+            failure: UnitFailure | None = None
+            for fut in cf.as_completed(futures):
+                s, u = futures[fut]
+                try:
+                    status, message, _ = fut.result()
+                except cf.process.BrokenProcessPool:
+                    status, message = "error", "the worker process died (killed, or out of memory)"
+                if status != "ok" and failure is None:
+                    failure = UnitFailure(s.name, str(u["id"]), message)
+                    for f in futures:
+                        f.cancel()
+                bar.update(1)
+                bar.set_postfix_str(f"{s.name}/{u['id']}")
+            bar.close()
+            if failure is not None:
+                raise failure
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def describe(config: PuzzleConfig) -> str:
+    """What a run of this config will do, step by step (printed before running)."""
+    lines = [f"run {config.name!r}: parent {config.parent.uri}, store {config.store.uri}"]
+    for level in pipeline.levels():
+        for s in level:
+            fan = f"one unit per entry of plan/{s.fan_out}.json" if s.fan_out else "one unit"
+            lines.append(f"  {s.name:<9} {fan}; after {', '.join(s.depends) or '-'}")
+    return "\n".join(lines)
+
+
+__all__ = ["run_pipeline", "describe", "UnitFailure", "CONFIG_KEY"]
