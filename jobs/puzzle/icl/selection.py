@@ -88,6 +88,8 @@ class DemonstrationSelector:
         self.max_structure_size = max_structure_size
         self.bm25 = BM25([tokenize(it.source) for it in self.pool])
         self.words = [frozenset(tokenize(it.source)) for it in self.pool]
+        # Cover-Utt treats each word as a size-1 unit to cover.
+        self.word_units = [frozenset(Structure(1, w) for w in ws) for ws in self.words]
         self.templates = [str(anonymize(it.program_tree)) for it in self.pool]
         self.structures = [local_structures(it.program_tree, max_structure_size) for it in self.pool]
         self.by_structure: dict[Structure, list[int]] = defaultdict(list)
@@ -127,8 +129,7 @@ class DemonstrationSelector:
     def cover_utt(self, query: str, k: int, seed: int = 0) -> list[int]:
         units = [Structure(1, w) for w in sorted(set(tokenize(query)))]
         index = {u: self.by_word.get(u.text, []) for u in units}
-        item_units = [frozenset(Structure(1, w) for w in ws) for ws in self.words]
-        return self._cover(query, units, index, item_units, k, seed, distinct_templates=False)
+        return self._cover(query, units, index, self.word_units, k, seed, distinct_templates=False)
 
     def cover_ls(self, query: str, structures: Iterable[Structure], k: int, seed: int = 0) -> list[int]:
         """Cover-LS for ``query`` given its (predicted or oracle) local structures."""
