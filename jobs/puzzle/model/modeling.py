@@ -241,6 +241,16 @@ class DeciLayer(nn.Module):
         self.post_attention_layernorm = norm.to(ref.device, ref.dtype)
         self.mlp = module
 
+    def sublayer_state_dict(self, part: str) -> dict[str, torch.Tensor]:
+        """Weights of one sub-block with layer-relative Hugging Face names, e.g. for part='attention'
+        ``{"input_layernorm.weight", "self_attn.q_proj.weight", ...}`` (empty for no_op): the unit a
+        BLD library entry stores."""
+        prefixes = {"attention": ("input_layernorm.", "self_attn."),
+                    "ffn": ("post_attention_layernorm.", "mlp.")}
+        if part not in prefixes:
+            raise ValueError(f"part: {part!r} is not allowed; allowed: 'attention', 'ffn'")
+        return {k: v for k, v in self.state_dict().items() if k.startswith(prefixes[part])}
+
     def attn_sublayer(
         self,
         h: torch.Tensor,  # (B, T, C)
@@ -338,6 +348,33 @@ class DeciLMForCausalLM(nn.Module):
     def set_ffn(self, layer: int, variant: FFNVariant, module: nn.Module | None, norm: RMSNorm | None = None) -> None:
         self.model.layers[layer].set_ffn(variant, module, norm)
         self.current_config()
+
+    def load_sublayer(self, layer: int, variant: AttentionVariant | FFNVariant,
+                      state_dict: dict[str, torch.Tensor]) -> None:
+        """Put ``variant`` at ``layer`` with weights from ``sublayer_state_dict`` naming (strict: every
+        tensor present with the right shape, nothing extra)."""
+        is_attn = isinstance(variant, AttentionVariant)
+        module = build_attention(variant, self.config) if is_attn else build_ffn(variant, self.config)  # type: ignore[arg-type]
+        norm_key, mod_prefix = ("input_layernorm.weight", "self_attn.") if is_attn else (
+            "post_attention_layernorm.weight", "mlp.")
+        want = {} if module is None else {norm_key: (self.config.hidden_size,), **{
+            mod_prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}}
+        got = {k: tuple(v.shape) for k, v in state_dict.items()}
+        if want != got:
+            raise ValueError(
+                f"load_sublayer: layer {layer} variant {variant.name} needs tensors {want}, got {got}"
+            )
+        ref = next(self.parameters())
+        norm = None
+        if module is not None:
+            module.to(ref.device, ref.dtype)
+            module.load_state_dict({k[len(mod_prefix):]: v for k, v in state_dict.items() if k != norm_key})
+            norm = RMSNorm(self.config.hidden_size, self.config.rms_norm_eps)
+            norm.weight.data.copy_(state_dict[norm_key])
+        if is_attn:
+            self.set_attention(layer, variant, module, norm)  # type: ignore[arg-type]
+        else:
+            self.set_ffn(layer, variant, module, norm)  # type: ignore[arg-type]
 
     # ----- pieces for BLD / scoring ----------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
