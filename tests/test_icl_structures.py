@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from puzzle.icl.datasets import scan_program
 from puzzle.icl.structures import Structure, Tree, anonymize, local_structures, parse_program
 
@@ -89,3 +90,79 @@ def test_max_size_must_be_positive():
 
 def test_structure_is_sortable_tuple():
     assert sorted([Structure(2, "b"), Structure(1, "z")])[0] == Structure(1, "z")
+
+
+# ------------------------------------------------------------------ brute force over node subsets
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _trees(max_leaves: int = 6):
+    leaf = st.sampled_from(["a", "b", "c"]).map(Tree)
+    return st.recursive(
+        leaf,
+        lambda kids: st.tuples(st.sampled_from(["f", "g"]), st.lists(kids, min_size=1, max_size=3)).map(
+            lambda t: Tree(t[0], tuple(t[1]))
+        ),
+        max_leaves=max_leaves,
+    )
+
+
+def _brute_force(tree: Tree, max_size: int) -> set[Structure]:
+    """Every node subset of at most max_size nodes that is connected by parent->child edges and
+    by sibling edges between consecutive arguments that are both leaves of the subset."""
+    nodes, parent, pos = [], {}, {}
+
+    def walk(t, par, i):
+        me = len(nodes)
+        nodes.append(t)
+        parent[me], pos[me] = par, i
+        for j, c in enumerate(t.children):
+            walk(c, me, j)
+
+    walk(tree, None, 0)
+    n = len(nodes)
+    out: set[Structure] = set()
+    from itertools import combinations
+
+    for size in range(1, max_size + 1):
+        for sub in combinations(range(n), size):
+            s = set(sub)
+            has_child = {v for v in s if any(parent[u] == v for u in s)}
+            edges = [(u, parent[u]) for u in s if parent[u] in s]
+            edges += [
+                (u, v) for u in s for v in s
+                if u < v and parent[u] == parent[v] and parent[u] is not None and abs(pos[u] - pos[v]) == 1
+                and u not in has_child and v not in has_child
+            ]
+            comp = {v: v for v in s}
+
+            def find(v):
+                while comp[v] != v:
+                    v = comp[v]
+                return v
+
+            for u, v in edges:
+                comp[find(u)] = find(v)
+            if len({find(v) for v in s}) != 1:
+                continue
+            roots = [v for v in s if parent[v] not in s]
+            if len(roots) == 1:
+                def render(v):
+                    kids = [u for u in range(n) if parent[u] == v]
+                    if not any(u in s for u in kids):
+                        return nodes[v].label
+                    return f"{nodes[v].label}({', '.join(render(u) if u in s else '_' for u in kids)})"
+
+                out.add(Structure(size, render(roots[0])))
+            else:
+                # Only a run of consecutive sibling leaves can connect several roots.
+                assert all(parent[v] == parent[roots[0]] for v in roots) and not has_child
+                out.add(Structure(size, " ~ ".join(nodes[v].label for v in sorted(roots, key=pos.get))))
+    return out
+
+
+@given(_trees(), st.integers(1, 4))
+def test_local_structures_equal_brute_force_enumeration(tree, max_size):
+    assert local_structures(tree, max_size) == _brute_force(tree, max_size)
