@@ -462,6 +462,11 @@ class DeciLMForCausalLM(nn.Module):
                     raise ValueError(f"KV cache overflow: {cache.length}+{T} tokens > max_len={cache.max_len}")
                 cache_position = torch.arange(cache.length, cache.length + T, device=dev)
                 advance = True
+                if attention_mask is not None and attention_mask.shape[1] != cache.length + T:
+                    raise ValueError(
+                        f"attention_mask: width {attention_mask.shape[1]} is not allowed with a cache holding "
+                        f"{cache.length} tokens and {T} new ones; pass the mask of all {cache.length + T} tokens"
+                    )
             valid = attention_mask[:, -T:].bool() if attention_mask is not None else torch.ones(
                 B, T, dtype=torch.bool, device=dev)
             cache.key_valid.index_copy_(1, cache_position, valid)
