@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from puzzle.config import ICLEvalConfig
 from puzzle.icl.benchmark import run_icl_benchmark
 from puzzle.icl.generation import HFTextGenerator
@@ -48,28 +47,43 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     cfg = ICLEvalConfig(
-        enabled=True, methods=a.methods, datasets=a.datasets, num_demonstrations=a.k, num_test=a.num_test,
-        max_structure_size=a.max_structure_size, structures=a.structures, num_beams=a.num_beams, seed=a.seed,
+        enabled=True,
+        methods=a.methods,
+        datasets=a.datasets,
+        num_demonstrations=a.k,
+        num_test=a.num_test,
+        max_structure_size=a.max_structure_size,
+        structures=a.structures,
+        num_beams=a.num_beams,
+        seed=a.seed,
     )
     gen = HFTextGenerator(a.model, device=a.device, batch_size=a.batch_size)
     aux = HFTextGenerator(a.aux_model, device=a.device, batch_size=a.batch_size) if a.aux_model else None
     t0 = time.perf_counter()
     out = run_icl_benchmark(gen, cfg, aux, log=lambda m: print(m, file=sys.stderr, flush=True))
     wall = time.perf_counter() - t0
-    out["machine"] = {"device": a.device, "cpu": platform.processor() or platform.machine(),
-                      "torch_threads": a.threads, "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None}
+    out["machine"] = {
+        "device": a.device,
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": a.threads,
+        "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
+    }
     out["model"] = a.model
     out["wall_s"] = wall
 
-    print(f"model {a.model}, k={a.k}, n={a.num_test} per split, structures={a.structures}, "
-          f"beams={a.num_beams}, device={a.device}, {wall:.0f}s")
+    print(
+        f"model {a.model}, k={a.k}, n={a.num_test} per split, structures={a.structures}, "
+        f"beams={a.num_beams}, device={a.device}, {wall:.0f}s"
+    )
     print("| method | " + " | ".join(a.datasets) + " |")
     print("|---|" + "---|" * len(a.datasets))
     for m in a.methods:
         cells = []
         for d in a.datasets:
             r = out["results"][d][m]
-            cells.append(f"{r['accuracy']:.3f} ({r['correct']}/{r['n']}; cov {r['mean_structure_coverage']:.2f})")
+            cells.append(
+                f"{r['accuracy']:.3f} ({r['correct']}/{r['n']}; cov {r['mean_structure_coverage']:.2f})"
+            )
         print(f"| {m} | " + " | ".join(cells) + " |")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,6 @@ import functools
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
 from puzzle.config import ICLEvalConfig
 from puzzle.data.prompts import format_prompt, parse_answer
 from puzzle.icl.benchmark import (
@@ -23,6 +20,8 @@ from puzzle.icl.datasets import geo_items, load_dataset
 from puzzle.icl.generation import HFTextGenerator, TextGenerator
 from puzzle.icl.selection import DemonstrationSelector
 from puzzle.icl.structures import local_structures
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +33,29 @@ def tiny_model_dir(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     texts = [format_prompt([(it.source, it.target)], it.source) for it in geo_items()[:300]]
     tok.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
-                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<s>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
     )
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     hf_tok.save_pretrained(path)
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=len(hf_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-        bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, pad_token_id=hf_tok.pad_token_id,
+        vocab_size=len(hf_tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        pad_token_id=hf_tok.pad_token_id,
     )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -83,8 +95,9 @@ def test_adapter_matches_hand_written_greedy_decode(tiny_model_dir):
 
 def test_adapter_beams_and_errors(tiny_model_dir, tmp_path):
     gen = generator(tiny_model_dir)
-    out = gen.generate(["source: how many rivers\ntarget:", "source: what\ntarget:"], 5, num_beams=3,
-                       num_return_sequences=3)
+    out = gen.generate(
+        ["source: how many rivers\ntarget:", "source: what\ntarget:"], 5, num_beams=3, num_return_sequences=3
+    )
     assert [len(o) for o in out] == [3, 3]
     with pytest.raises(ValueError, match="num_return_sequences: value 4"):
         gen.generate(["x"], 2, num_beams=2, num_return_sequences=4)
@@ -111,7 +124,9 @@ def test_predicted_structures_are_the_union_of_parsed_beams():
     sel = DemonstrationSelector(d.train, 3)
     a, b = d.test[0], d.train[7]
     aux = FixedBeams([a.target + "\nsource: junk", "answer(count(", " " + b.target])
-    (got,) = predict_structures(aux, d, sel, [a.source], k=4, num_beams=3, max_structure_size=3, max_new_tokens=50)
+    (got,) = predict_structures(
+        aux, d, sel, [a.source], k=4, num_beams=3, max_structure_size=3, max_new_tokens=50
+    )
     assert got == local_structures(a.program_tree, 3) | local_structures(b.program_tree, 3)
     prompts, budget, beams, nrs = aux.calls[0]
     assert (budget, beams, nrs) == (50, 3, 3)
@@ -124,8 +139,14 @@ def test_predicted_structures_are_the_union_of_parsed_beams():
 def test_run_icl_benchmark_end_to_end(tiny_model_dir):
     gen = generator(tiny_model_dir)
     cfg = ICLEvalConfig(
-        enabled=True, methods=["random", "topk", "cover_utt", "cover_ls"], datasets=["geo:compound"],
-        num_demonstrations=3, num_test=4, max_structure_size=3, num_beams=2, seed=0,
+        enabled=True,
+        methods=["random", "topk", "cover_utt", "cover_ls"],
+        datasets=["geo:compound"],
+        num_demonstrations=3,
+        num_test=4,
+        max_structure_size=3,
+        num_beams=2,
+        seed=0,
     )
     out = run_icl_benchmark(gen, cfg, max_new_tokens=6)
     assert out["config"]["num_test"] == 4
@@ -152,8 +173,9 @@ def test_run_icl_benchmark_end_to_end(tiny_model_dir):
 
 
 def test_oracle_structures_give_full_coverage_where_the_pool_allows(tiny_model_dir):
-    cfg = ICLEvalConfig(methods=["cover_ls"], datasets=["geo:template"], num_demonstrations=8, num_test=5,
-                        structures="oracle")
+    cfg = ICLEvalConfig(
+        methods=["cover_ls"], datasets=["geo:template"], num_demonstrations=8, num_test=5, structures="oracle"
+    )
     out = run_icl_benchmark(generator(tiny_model_dir), cfg, max_new_tokens=2)
     d = load_dataset("geo:template")
     sel = DemonstrationSelector(d.train, cfg.max_structure_size)
@@ -172,7 +194,13 @@ def test_retention_table():
     rows = retention_table(parent, child)
     assert rows == [
         {"method": "random", "split": "scan:template", "parent": 0.2, "child": 0.1, "retention": 0.5},
-        {"method": "topk", "split": "scan:template", "parent": 0.5, "child": 0.45, "retention": pytest.approx(0.9)},
+        {
+            "method": "topk",
+            "split": "scan:template",
+            "parent": 0.5,
+            "child": 0.45,
+            "retention": pytest.approx(0.9),
+        },
         {"method": "cover_ls", "split": "scan:template", "parent": 0.0, "child": 0.1, "retention": None},
     ]
     table = format_table(rows)

@@ -48,7 +48,9 @@ def test_geo_compound_split_every_test_program_has_an_unseen_compound():
 
 def test_scan_template_split_is_compositional():
     d = load_dataset("scan:template")
-    key = next(s for s in local_structures(scan_program("walk around right"), 2) if s.text == "around(_, right)")
+    key = next(
+        s for s in local_structures(scan_program("walk around right"), 2) if s.text == "around(_, right)"
+    )
     # Programs are disjoint; action sequences may not be ("jump right" x4 == "jump around right").
     assert not {str(it.program_tree) for it in d.train} & {str(it.program_tree) for it in d.test}
     assert all(key in local_structures(it.program_tree, 2) for it in d.test)
@@ -86,7 +88,11 @@ def test_parse_target_of_datasets():
 
 
 def test_deterministic_in_seed():
-    a, b, c = load_dataset("geo:template", 0), load_dataset("geo:template", 0), load_dataset("geo:template", 1)
+    a, b, c = (
+        load_dataset("geo:template", 0),
+        load_dataset("geo:template", 0),
+        load_dataset("geo:template", 1),
+    )
     assert a.test == b.test and a.train == b.train
     assert a.test != c.test
     assert load_dataset("geo:iid", 3).test == load_dataset("geo:iid", 3).test
@@ -109,8 +115,12 @@ def test_funql_split_alias():
 
 @pytest.mark.parametrize(
     "name,msg",
-    [("scan", "unknown; use 'scan:<split>'"), ("cogs:gen", "unknown"), ("scan:jump", "allowed: simple"),
-     ("geo:random", "allowed: iid, template, compound")],
+    [
+        ("scan", "unknown; use 'scan:<split>'"),
+        ("cogs:gen", "unknown"),
+        ("scan:jump", "allowed: simple"),
+        ("geo:random", "allowed: iid, template, compound"),
+    ],
 )
 def test_unknown_names_are_rejected_with_allowed_values(name, msg):
     with pytest.raises(ValueError, match=msg):

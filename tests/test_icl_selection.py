@@ -7,7 +7,6 @@ import functools
 import math
 
 import pytest
-
 from puzzle.icl.datasets import Item, load_dataset, scan_program
 from puzzle.icl.selection import BM25, METHODS, DemonstrationSelector, tokenize
 from puzzle.icl.structures import local_structures
@@ -111,9 +110,7 @@ def test_cover_ls_first_pick_is_best_retrieved_example_with_a_largest_structure(
     got = sel.cover_ls(item.source, want, k=1, seed=0)
     assert len(got) == 1
     picked = got[0]
-    firsts = {
-        min(sel.by_structure[s], key=lambda i: (-scores[i], i)) for s in coverable if s.size == largest
-    }
+    firsts = {min(sel.by_structure[s], key=lambda i: (-scores[i], i)) for s in coverable if s.size == largest}
     assert picked in firsts
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
+import itertools
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from puzzle.icl.datasets import scan_program
 from puzzle.icl.structures import Structure, Tree, anonymize, local_structures, parse_program
 
@@ -15,8 +18,12 @@ def texts(tree: Tree, max_size: int) -> set[str]:
 def test_scan_around_right_exact_set():
     t = parse_program("around(walk,right)")
     assert texts(t, 3) == {
-        "around", "walk", "right",
-        "around(walk, _)", "around(_, right)", "walk ~ right",
+        "around",
+        "walk",
+        "right",
+        "around(walk, _)",
+        "around(_, right)",
+        "walk ~ right",
         "around(walk, right)",
     }
 
@@ -25,9 +32,17 @@ def test_sizes_are_node_counts_and_grow_with_max_size():
     t = parse_program("twice(around(walk,right))")
     got = local_structures(t, 4)
     assert {s.text: s.size for s in got} == {
-        "twice": 1, "around": 1, "walk": 1, "right": 1,
-        "twice(around)": 2, "around(walk, _)": 2, "around(_, right)": 2, "walk ~ right": 2,
-        "twice(around(walk, _))": 3, "twice(around(_, right))": 3, "around(walk, right)": 3,
+        "twice": 1,
+        "around": 1,
+        "walk": 1,
+        "right": 1,
+        "twice(around)": 2,
+        "around(walk, _)": 2,
+        "around(_, right)": 2,
+        "walk ~ right": 2,
+        "twice(around(walk, _))": 3,
+        "twice(around(_, right))": 3,
+        "around(walk, right)": 3,
         "twice(around(walk, right))": 4,
     }
     assert {s for s in got if s.size <= 2} == local_structures(t, 2)
@@ -37,9 +52,19 @@ def test_sizes_are_node_counts_and_grow_with_max_size():
 def test_three_arguments_sibling_edges_only_between_consecutive_arguments():
     t = parse_program("p(a,b,c)")
     assert texts(t, 3) == {
-        "p", "a", "b", "c",
-        "p(a, _, _)", "p(_, b, _)", "p(_, _, c)", "a ~ b", "b ~ c",
-        "p(a, b, _)", "p(a, _, c)", "p(_, b, c)", "a ~ b ~ c",
+        "p",
+        "a",
+        "b",
+        "c",
+        "p(a, _, _)",
+        "p(_, b, _)",
+        "p(_, _, c)",
+        "a ~ b",
+        "b ~ c",
+        "p(a, b, _)",
+        "p(a, _, c)",
+        "p(_, b, c)",
+        "a ~ b ~ c",
     }
     assert "a ~ c" not in texts(t, 4)
 
@@ -49,9 +74,16 @@ def test_sibling_edge_needs_both_ends_to_be_leaves_of_the_subgraph():
     # sub-graph, so it is not a leaf: that set is not a local structure.
     t = parse_program("p(a(x),b)")
     assert texts(t, 3) == {
-        "p", "a", "x", "b",
-        "p(a, _)", "p(_, b)", "a(x)", "a ~ b",
-        "p(a(x), _)", "p(a, b)",
+        "p",
+        "a",
+        "x",
+        "b",
+        "p(a, _)",
+        "p(_, b)",
+        "a(x)",
+        "a ~ b",
+        "p(a(x), _)",
+        "p(a, b)",
     }
 
 
@@ -89,13 +121,10 @@ def test_max_size_must_be_positive():
 
 
 def test_structure_is_sortable_tuple():
-    assert sorted([Structure(2, "b"), Structure(1, "z")])[0] == Structure(1, "z")
+    assert min([Structure(2, "b"), Structure(1, "z")]) == Structure(1, "z")
 
 
 # ------------------------------------------------------------------ brute force over node subsets
-
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 def _trees(max_leaves: int = 6):
@@ -124,38 +153,42 @@ def _brute_force(tree: Tree, max_size: int) -> set[Structure]:
     walk(tree, None, 0)
     n = len(nodes)
     out: set[Structure] = set()
-    from itertools import combinations
+
+    def find(comp: dict[int, int], v: int) -> int:
+        while comp[v] != v:
+            v = comp[v]
+        return v
+
+    def render(v: int, s: set[int]) -> str:
+        kids = [u for u in range(n) if parent[u] == v]
+        if not any(u in s for u in kids):
+            return nodes[v].label
+        return f"{nodes[v].label}({', '.join(render(u, s) if u in s else '_' for u in kids)})"
 
     for size in range(1, max_size + 1):
-        for sub in combinations(range(n), size):
+        for sub in itertools.combinations(range(n), size):
             s = set(sub)
             has_child = {v for v in s if any(parent[u] == v for u in s)}
             edges = [(u, parent[u]) for u in s if parent[u] in s]
             edges += [
-                (u, v) for u in s for v in s
-                if u < v and parent[u] == parent[v] and parent[u] is not None and abs(pos[u] - pos[v]) == 1
-                and u not in has_child and v not in has_child
+                (u, v)
+                for u in s
+                for v in s
+                if u < v
+                and parent[u] == parent[v]
+                and parent[u] is not None
+                and abs(pos[u] - pos[v]) == 1
+                and u not in has_child
+                and v not in has_child
             ]
             comp = {v: v for v in s}
-
-            def find(v):
-                while comp[v] != v:
-                    v = comp[v]
-                return v
-
             for u, v in edges:
-                comp[find(u)] = find(v)
-            if len({find(v) for v in s}) != 1:
+                comp[find(comp, u)] = find(comp, v)
+            if len({find(comp, v) for v in s}) != 1:
                 continue
             roots = [v for v in s if parent[v] not in s]
             if len(roots) == 1:
-                def render(v):
-                    kids = [u for u in range(n) if parent[u] == v]
-                    if not any(u in s for u in kids):
-                        return nodes[v].label
-                    return f"{nodes[v].label}({', '.join(render(u) if u in s else '_' for u in kids)})"
-
-                out.add(Structure(size, render(roots[0])))
+                out.add(Structure(size, render(roots[0], s)))
             else:
                 # Only a run of consecutive sibling leaves can connect several roots.
                 assert all(parent[v] == parent[roots[0]] for v in roots) and not has_child

@@ -111,14 +111,24 @@ def run_icl_benchmark(
                 structures = [local_structures(it.program_tree, cfg.max_structure_size) for it in items]
             else:
                 structures = predict_structures(
-                    aux, dataset, selector, queries, cfg.num_demonstrations, cfg.num_beams,
-                    cfg.max_structure_size, budget,
+                    aux,
+                    dataset,
+                    selector,
+                    queries,
+                    cfg.num_demonstrations,
+                    cfg.num_beams,
+                    cfg.max_structure_size,
+                    budget,
                 )
         per_method: dict[str, Any] = {}
         for method in cfg.methods:
             chosen = [
                 selector.select(
-                    method, q, cfg.num_demonstrations, cfg.seed, structures[j] if structures is not None else None
+                    method,
+                    q,
+                    cfg.num_demonstrations,
+                    cfg.seed,
+                    structures[j] if structures is not None else None,
                 )
                 for j, q in enumerate(queries)
             ]
@@ -141,7 +151,11 @@ def run_icl_benchmark(
                         "structure_coverage": structure_coverage(
                             it, [dataset.train[i] for i in c], cfg.max_structure_size
                         ),
-                        **({"predicted_structures": len(structures[j])} if method == "cover_ls" and structures else {}),
+                        **(
+                            {"predicted_structures": len(structures[j])}
+                            if method == "cover_ls" and structures
+                            else {}
+                        ),
                     }
                 )
             correct = sum(r["correct"] for r in records)
@@ -149,7 +163,8 @@ def run_icl_benchmark(
                 "accuracy": correct / len(records) if records else 0.0,
                 "n": len(records),
                 "correct": correct,
-                "mean_structure_coverage": sum(r["structure_coverage"] for r in records) / max(len(records), 1),
+                "mean_structure_coverage": sum(r["structure_coverage"] for r in records)
+                / max(len(records), 1),
                 "records": records,
             }
             if log:
@@ -176,7 +191,13 @@ def retention_table(parent: dict[str, Any], child: dict[str, Any]) -> list[dict[
                 continue
             pa, ca = p["accuracy"], c["accuracy"]
             rows.append(
-                {"method": method, "split": split, "parent": pa, "child": ca, "retention": ca / pa if pa > 0 else None}
+                {
+                    "method": method,
+                    "split": split,
+                    "parent": pa,
+                    "child": ca,
+                    "retention": ca / pa if pa > 0 else None,
+                }
             )
     return rows
 

@@ -77,13 +77,20 @@ def load_dataset(name: str, seed: int = 0) -> ICLDataset:
         )
     if family == "scan":
         if split_name not in scan.SPLITS:
-            raise ValueError(f"dataset {name!r}: SCAN split {split_name!r} is unknown; allowed: {', '.join(scan.SPLITS)}")
+            raise ValueError(
+                f"dataset {name!r}: SCAN split {split_name!r} is unknown; allowed: {', '.join(scan.SPLITS)}"
+            )
         train, test = scan.split(split_name, seed)
         return ICLDataset(
-            [scan_item(e) for e in train], [scan_item(e) for e in test], name, parse_target=scan_program_of_actions
+            [scan_item(e) for e in train],
+            [scan_item(e) for e in test],
+            name,
+            parse_target=scan_program_of_actions,
         )
     if split_name not in GEO_SPLITS:
-        raise ValueError(f"dataset {name!r}: geo split {split_name!r} is unknown; allowed: {', '.join(GEO_SPLITS)}")
+        raise ValueError(
+            f"dataset {name!r}: geo split {split_name!r} is unknown; allowed: {', '.join(GEO_SPLITS)}"
+        )
     train, test = geo_split(split_name, seed)
     return ICLDataset(train, test, name, parse_target=parse_geo_target)
 
@@ -113,7 +120,12 @@ def _scan_v(words: list[str], command: str) -> Tree:
         return Tree(words[0])
     if len(words) == 2 and words[0] in verbs and words[1] in scan.DIRECTIONS:
         return Tree("dir", (Tree(words[0]), Tree(words[1])))
-    if len(words) == 3 and words[0] in verbs and words[1] in ("opposite", "around") and words[2] in scan.DIRECTIONS:
+    if (
+        len(words) == 3
+        and words[0] in verbs
+        and words[1] in ("opposite", "around")
+        and words[2] in scan.DIRECTIONS
+    ):
         return Tree(words[1], (Tree(words[0]), Tree(words[2])))
     raise ValueError(f"SCAN command {command!r}: phrase {' '.join(words)!r} is outside the grammar")
 
@@ -187,7 +199,7 @@ def _filters(t: str) -> list[tuple[str, str, str]]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sets(t: str, depth: int) -> tuple[_NP, ...]:
     """Sets of type t with at most ``depth`` nested filters."""
     sg, pl, _ = TYPES[t]
@@ -200,7 +212,7 @@ def _sets(t: str, depth: int) -> tuple[_NP, ...]:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _args(t: str, depth: int) -> tuple[_NP, ...]:
     """Noun phrases of type t usable as an argument: entities, sets and superlatives of sets."""
     out = list(_entities(t))
@@ -227,7 +239,12 @@ def geo_items() -> tuple[Item, ...]:
                 word = attr.removesuffix("_1")
                 qs.append((f"what is the {word} of {a.text}", Tree("answer", (Tree(attr, (a.tree,)),))))
     for a in _args("state", MAX_DEPTH - 1):
-        qs.append((f"what is the capital of {a.text}", Tree("answer", (Tree("capital", (Tree("loc_2", (a.tree,)),)),))))
+        qs.append(
+            (
+                f"what is the capital of {a.text}",
+                Tree("answer", (Tree("capital", (Tree("loc_2", (a.tree,)),)),)),
+            )
+        )
     seen: set[str] = set()
     out = []
     for text, tree in qs:
@@ -296,7 +313,9 @@ def _held_out_templates(pool: list[Item], rng: random.Random, test_fraction: flo
     return held
 
 
-def _compound_split(pool: list[Item], rng: random.Random, test_fraction: float) -> tuple[list[Item], list[Item]]:
+def _compound_split(
+    pool: list[Item], rng: random.Random, test_fraction: float
+) -> tuple[list[Item], list[Item]]:
     comps = [compounds(it.program_tree) for it in pool]
     at = [atoms(it.program_tree) for it in pool]
     # The root answer(...) edge and edges into 'all' occur in nearly every program; holding one out

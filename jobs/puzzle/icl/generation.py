@@ -29,13 +29,17 @@ class HFTextGenerator:
     (greedy or beam search, no sampling) and stops once every sequence has produced a newline.
     """
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", batch_size: int = 8, dtype: str = "float32") -> None:
-        import torch  # noqa: PLC0415 - heavy; selection and datasets do not need it
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    def __init__(
+        self, model_dir: str | Path, device: str = "cpu", batch_size: int = 8, dtype: str = "float32"
+    ) -> None:
+        import torch  # heavy: imported here so selection and datasets do not need it
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(model_dir)
         if not (path / "config.json").is_file():
-            raise ValueError(f"model directory {str(path)!r} has no config.json; give a Hugging Face model directory")
+            raise ValueError(
+                f"model directory {str(path)!r} has no config.json; give a Hugging Face model directory"
+            )
         if batch_size < 1:
             raise ValueError(f"batch_size: value {batch_size} is not allowed; must be >= 1")
         self.torch = torch
@@ -61,15 +65,16 @@ class HFTextGenerator:
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
             enc = self.tokenizer(batch, return_tensors="pt", padding=True).to(self.device)
-            kwargs: dict[str, Any] = dict(
-                max_new_tokens=max_new_tokens,
-                num_beams=num_beams,
-                num_return_sequences=num_return_sequences,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-                stop_strings=["\n"],
-                tokenizer=self.tokenizer,
-            )
+            kwargs: dict[str, Any] = {
+                "max_new_tokens": max_new_tokens,
+                "num_beams": num_beams,
+                "num_return_sequences": num_return_sequences,
+                "do_sample": False,
+                "pad_token_id": self.tokenizer.pad_token_id,
+                # One answer per line: stop at its end instead of running to max_new_tokens.
+                "stop_strings": ["\n"],
+                "tokenizer": self.tokenizer,
+            }
             with self.torch.no_grad():
                 seqs = self.model.generate(**enc, **kwargs)  # (B * R, T_prompt + T_new)
             new = seqs[:, enc["input_ids"].shape[1] :]  # (B * R, T_new)
