@@ -183,5 +183,7 @@ def run_step(
 
 
 def _context(step, run_uri, run_id, store, config, unit, outputs_dir) -> StepContext:
-    metrics = StepMetrics(run_id, step, str(unit["id"]), config.metrics.pushgateway_url)
+    # the workflow passes the Pushgateway through the environment; the config can name one too
+    url = config.metrics.pushgateway_url or os.environ.get("PUZZLE_PUSHGATEWAY_URL") or None
+    metrics = StepMetrics(run_id, step, str(unit["id"]), url)
     return StepContext(step, run_uri, run_id, store, config, unit, metrics, outputs_dir)

@@ -58,6 +58,17 @@ def _worker_run(step: str, run_uri: str, unit: dict[str, Any]) -> tuple[str, str
     return ("ok", "", time.time() - started)
 
 
+def levels() -> list[list[pipeline.Step]]:
+    """Steps grouped so every step's dependencies lie in earlier groups (bld and profile share one)."""
+    depth: dict[str, int] = {}
+    for s in pipeline.topological_order():
+        depth[s.name] = 1 + max((depth[d] for d in s.depends), default=-1)
+    out: list[list[pipeline.Step]] = [[] for _ in range(max(depth.values()) + 1)]
+    for s in pipeline.topological_order():
+        out[depth[s.name]].append(s)
+    return out
+
+
 def pending_units(store, step: pipeline.Step) -> list[dict[str, Any]]:
     units = [{"id": "all"}] if step.fan_out is None else store.get_json(f"plan/{step.fan_out}.json")
     return [u for u in units if not store.exists(done_key(step.name, str(u["id"])))]
@@ -93,7 +104,7 @@ def run_pipeline(run_uri: str, workers: int | None = None, steps: list[str] | No
             gpu_queue.put(i)
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
                                 initargs=(threads, gpu_queue)) as pool:
-        for level in pipeline.levels():
+        for level in levels():
             todo = [(s, u) for s in level if steps is None or s.name in steps for u in pending_units(store, s)]
             if not todo:
                 continue
@@ -130,7 +141,7 @@ def _gpu_count() -> int:
 def describe(config: PuzzleConfig) -> str:
     """What a run of this config will do, step by step (printed before running)."""
     lines = [f"run {config.name!r}: parent {config.parent.uri}, store {config.store.uri}"]
-    for level in pipeline.levels():
+    for level in levels():
         for s in level:
             fan = f"one unit per entry of plan/{s.fan_out}.json" if s.fan_out else "one unit"
             lines.append(f"  {s.name:<9} {fan}; after {', '.join(s.depends) or '-'}")
