@@ -18,7 +18,6 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-
 from puzzle import k8s, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +209,7 @@ def test_monitoring_objects(rendered):
     assert "puzzle_step_result_total" in rules["PuzzleStepFailed"]["expr"]
     assert "> 2700" in rules["PuzzleBLDStalled"]["expr"]  # 45 minutes from the values
     assert "{{ $labels.step }}" in rules["PuzzleStepFailed"]["annotations"]["summary"]
-    dash_cm = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")][0]
+    dash_cm = next(c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard"))
     assert dash_cm["metadata"]["namespace"] == "monitoring" and dash_cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     dash = json.loads(dash_cm["data"]["puzzle.json"])
     exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])

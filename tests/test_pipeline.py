@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from puzzle import k8s, pipeline
 from puzzle.commands import render_workflow
 
@@ -200,7 +199,7 @@ def test_gpu_steps_use_the_semaphore_and_gpu_pod_patch(wt):
 
 
 def test_retry_strategy_retries_errors_but_never_bad_input(wt):
-    for name, t in templates(wt).items():
+    for t in templates(wt).values():
         if "container" not in t:
             continue
         r = t["retryStrategy"]
@@ -235,7 +234,7 @@ def test_metrics_pod_gc_deadlines_and_artifacts(wt):
 
 def test_every_pod_is_locked_down(wt):
     assert k8s.security_problems(wt) == []
-    for name, t in templates(wt).items():
+    for t in templates(wt).values():
         if "container" in t:
             env = {e["name"]: e for e in t["container"]["env"]}
             assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["key"] == "AWS_ACCESS_KEY_ID"

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from puzzle import k8s, pipeline
 from puzzle.cli import UserError, main
 from puzzle.store import open_store
@@ -68,7 +67,7 @@ class StandIn:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's naming)
+            def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                 wf = body.get("workflow", body)

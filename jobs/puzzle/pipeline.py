@@ -433,7 +433,7 @@ def chains() -> dict[str, list[Step]]:
 
 def dag_task_of(name: str) -> str:
     """The main DAG task that runs step ``name`` (a chain runs as one task named after its steps)."""
-    for root, chain in chains().items():
+    for chain in chains().values():
         if name in (c.name for c in chain):
             return "-".join(c.name for c in chain)
     return name
@@ -445,7 +445,6 @@ def build_workflow_template():
     from hera.workflows import models as m
 
     _, pod_sec = _security()
-    leaves = {s.name: _container_template(s) for s in STEPS}
     chain_of = {c.name: root for root, chain in chains().items() for c in chain}
 
     with WorkflowTemplate(
@@ -471,12 +470,13 @@ def build_workflow_template():
         labels={"app.kubernetes.io/name": "puzzle", "app.kubernetes.io/version": __version__},
         annotations={"puzzle.dev/generated-by": "puzzle render-workflow (jobs/puzzle/pipeline.py)"},
     ) as wt:
-        for leaf in leaves.values():
-            wt._add_sub(leaf)
-        wt._add_sub(_exit_handler())
+        # Templates made inside the WorkflowTemplate context register themselves when a task uses
+        # them; the exit handler is referenced by name only (onExit), so it is added explicitly.
+        leaves = {s.name: _container_template(s) for s in STEPS}
+        wt.templates.append(_exit_handler())
 
         # Chain templates: unit i of each later step waits only for unit i of the one before it.
-        for root, chain in chains().items():
+        for chain in chains().values():
             with DAG(name="-".join(c.name for c in chain), inputs=[m.Parameter(name="unit")]):
                 prev = None
                 for c in chain:
