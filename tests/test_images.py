@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from puzzle import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -154,7 +154,7 @@ def _plan_ids(store: Any, plan_list: str) -> list[str] | None:
 
 def run_progress(store: Any) -> list[StepProgress]:
     """Per-step done/total from ``plan/<list>.json`` and the markers ``done/<step>/<unit-id>.json``."""
-    done_keys = store.list("done/")
+    done_keys = store.list("done")
     out = []
     for s in pipeline.topological_order():
         markers = {
@@ -197,7 +197,7 @@ def record_final_status(store: Any, status: str, workflow: str | None = None, fa
         "status": status,
         "workflow": workflow,
         "failures": parsed,
-        "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "progress": {p.step: {"done": p.done, "total": p.total} for p in run_progress(store)},
     }
     store.put_json(FINAL_STATUS_KEY, record)
