@@ -84,12 +84,13 @@ def _tail(log: Path, n: int = 4000) -> str:
         return "<no log>"
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``: only this PID, never a process group or name."""
     if proc.poll() is not None:
         return
     os.kill(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -209,7 +210,7 @@ def _start_weed(binary: str, workdir: Path) -> tuple[subprocess.Popen[bytes], st
         probe = S3Server(endpoint, ACCESS_KEY, SECRET_KEY, REGION, proc.pid, data).client()
         _wait_until(lambda: _probe_write(probe), proc, "SeaweedFS volume server", log, 60)
     except BaseException:
-        _stop(proc)
+        _stop(proc, grace_s=1.0)
         raise
     return proc, endpoint
 
@@ -249,7 +250,9 @@ def s3_server() -> Iterator[S3Server]:
         try:
             yield S3Server(endpoint, ACCESS_KEY, SECRET_KEY, REGION, proc.pid, workdir / "data")
         finally:
-            _stop(proc)
+            # weed's graceful stop waits on background deletions for many seconds; the data is
+            # thrown away, so a short grace is enough.
+            _stop(proc, grace_s=1.0)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -361,6 +361,18 @@ def test_bad_credentials_fail_at_once(s3_bucket: S3Bucket, monkeypatch: pytest.M
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "no-such-key")
     with pytest.raises(StoreError, match="credentials were refused.*InvalidAccessKeyId"):
         open_store(s3_bucket.uri).put_bytes("k2", b"v")
+    with pytest.raises(StoreError, match="credentials were refused or lack permission"):
+        open_store(s3_bucket.uri).exists("k")  # HEAD: a bare 403 without an error code
+
+
+def test_no_credentials_at_all(s3_bucket: S3Bucket, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(StoreError, match="no S3 credentials found.*AWS_ACCESS_KEY_ID"):
+        open_store(s3_bucket.uri).get_bytes("k")
 
 
 def test_missing_bucket_is_named(s3_bucket: S3Bucket) -> None:

@@ -542,13 +542,13 @@ class S3Store(Store):
                 raise
             except Exception as err:  # classified below; unknown errors are re-raised
                 code, status = _error_code(err)
-                if code in _CREDENTIAL_CODES or (status in (401, 403) and code != "AccessDenied"):
+                if code in _CREDENTIAL_CODES:
                     raise StoreError(
                         f"{self._where(key)}: {what} failed: the S3 credentials were refused by "
                         f"{self._client.meta.endpoint_url} ({code or status}); check AWS_ACCESS_KEY_ID / "
                         "AWS_SECRET_ACCESS_KEY"
                     ) from None
-                if code == "AccessDenied":
+                if code == "AccessDenied" or status in (401, 403):  # HEAD answers carry no code
                     raise StoreError(
                         f"{self._where(key)}: {what} failed: access denied; the credentials were refused "
                         "or lack permission for this bucket/prefix"
@@ -706,16 +706,22 @@ def _s3_client(config: StoreConfig | None) -> Any:
         or os.environ.get("AWS_DEFAULT_REGION")
     )
     path_style = config.path_style if config else True
-    bcfg = Config(
-        s3={"addressing_style": "path" if path_style else "auto"},
+    options: dict[str, Any] = {
+        "s3": {"addressing_style": "path" if path_style else "auto"},
         # Retries are ours (RetryPolicy), so that the final error can name the key and attempts.
-        retries={"total_max_attempts": 1},
-        connect_timeout=10,
-        read_timeout=120,
+        "retries": {"total_max_attempts": 1},
+        "connect_timeout": 10,
+        "read_timeout": 120,
+    }
+    try:
         # S3-compatible servers differ in trailing-checksum support; we verify sha256 ourselves.
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-    )
+        bcfg = Config(
+            **options,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+    except TypeError:  # botocore < 1.36 has neither option and sends no trailing checksums anyway
+        bcfg = Config(**options)
     return boto3.session.Session().client(
         "s3",
         endpoint_url=(config.endpoint_url if config else None) or None,  # None: AWS_ENDPOINT_URL or AWS
