@@ -185,18 +185,11 @@ def format_progress(progress: list[StepProgress], final: dict[str, Any] | None =
     return "\n".join(lines)
 
 
-def record_final_status(store: Any, status: str, workflow: str | None = None, failures: str | None = None) -> dict:
-    """Write ``status.json``: the Workflow's final phase, written by the exit handler whatever happened."""
-    parsed: Any = None
-    if failures and failures not in ("null", "{{workflow.failures}}"):
-        try:
-            parsed = json.loads(failures)
-        except json.JSONDecodeError:
-            parsed = failures
+def record_final_status(store: Any, status: str, workflow: str | None = None) -> dict:
+    """Write ``status.json``: the Workflow's final phase and per-step progress (the exit handler runs this)."""
     record = {
         "status": status,
         "workflow": workflow,
-        "failures": parsed,
         "finished_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "progress": {p.step: {"done": p.done, "total": p.total} for p in run_progress(store)},
     }

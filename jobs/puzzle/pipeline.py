@@ -405,7 +405,7 @@ def _exit_handler():
             "status", RUN_URI,
             "--record-final", "{{workflow.status}}",
             "--workflow", "{{workflow.name}}",
-            "--failures", "{{workflow.failures}}",
+            # Not {{workflow.failures}}: Argo fails to resolve it when nothing failed (argo-workflows#12330).
         ],
         env=_env(exit_step),
         resources=m.ResourceRequirements(

@@ -19,7 +19,6 @@ def register(sub) -> None:
     p.add_argument("--record-final", default=None, metavar="STATUS",
                    help="record the workflow's final status in status.json (the exit handler uses this)")
     p.add_argument("--workflow", default=None, help="workflow name recorded with --record-final")
-    p.add_argument("--failures", default=None, help="Argo's {{workflow.failures}} JSON, recorded with --record-final")
     p.set_defaults(func=_main)
 
 
@@ -31,7 +30,7 @@ def _main(args) -> int:
     if not store.exists("config.yaml"):
         raise UserError(f"RUN_URI: {args.run!r} holds no run (no config.yaml); give <store.uri>/<run-id>")
     if args.record_final is not None:
-        record = k8s.record_final_status(store, args.record_final, args.workflow, args.failures)
+        record = k8s.record_final_status(store, args.record_final, args.workflow)
         print(f"recorded final status {record['status']!r} in {store.uri}/{k8s.FINAL_STATUS_KEY}")
         return 0
     progress = k8s.run_progress(store)
