@@ -493,3 +493,23 @@ def test_decode_step_captures_in_a_cuda_graph(parent):
             ref = m(nxt, cache=eager_cache)
             assert (out - ref).abs().max() < 1e-4
             nxt = ref[:, -1].argmax(-1, keepdim=True)
+
+
+def test_mistral_parent_converts(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(6)
+    hf = MistralForCausalLM(MistralConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+                                          num_hidden_layers=2, vocab_size=300, intermediate_size=96,
+                                          sliding_window=None, max_position_embeddings=256)).eval()
+    hf.save_pretrained(tmp_path / "mistral")
+    p = load_parent(tmp_path / "mistral")
+    assert p.block_configs[0].name == "attn_g4+ffn_i96"
+    x = _ids(2, 20)
+    with torch.no_grad():
+        assert (hf(x).logits - p(x)).abs().max() < 1e-5
+    cfg = json.loads((tmp_path / "mistral/config.json").read_text())
+    cfg["sliding_window"] = 16
+    (tmp_path / "mistral/config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="sliding_window 16 is not supported"):
+        load_parent(tmp_path / "mistral")
