@@ -1,0 +1,32 @@
+"""Hardware profiling of block variants and the throughput model that predicts an assembled child.
+
+- ``puzzle.profiling.throughput``: ``load_scenario_profile(store, scenario)``, ``predict(profile,
+  block_configs) -> Prediction``, ``variant_costs(profile, kind, name)``: what solve and evaluate use.
+- ``puzzle.profiling.profiler``: ``profile_unit(...)`` measures one variant (or the non-block parts) on
+  one scenario; the ``profile`` step writes its record to ``profile/<scenario>/<variant>.json``.
+- ``puzzle.profiling.roofline``: the analytic estimate used only when the target device is absent.
+- ``puzzle.profiling.bench``: ``measure_throughput(model, scenario)``, a whole model's tokens/s with
+  the same method (``puzzle bench throughput``).
+- ``puzzle.profiling.engine`` / ``timing``: the shared inference path (per-block KV cache, CUDA graphs)
+  and the timing method (CUDA events or wall clock, warm-up, median of repeats).
+"""
+
+from puzzle.profiling.throughput import (
+    Prediction,
+    ProfileError,
+    ScenarioProfile,
+    VariantCost,
+    load_scenario_profile,
+    predict,
+    variant_costs,
+)
+
+__all__ = [
+    "Prediction",
+    "ProfileError",
+    "ScenarioProfile",
+    "VariantCost",
+    "load_scenario_profile",
+    "predict",
+    "variant_costs",
+]

@@ -1,0 +1,184 @@
+"""The throughput model: a child's scenario throughput predicted from per-variant profiles.
+
+A scenario batch of B prompts of input_len tokens, generating output_len tokens each, takes
+``prefill + sum of decode steps`` seconds; each term is a sum over layers of the chosen attention and
+FFN variants' costs plus the non-block cost (embedding, rotary tables, final norm, lm_head, greedy
+pick), all read from ``profile/<scenario>/<variant>.json``::
+
+    tokens/s = B * output_len / (prefill_s + decode_s)
+
+``decode_s`` is the whole generation: the profile fits each variant's step time as
+``a + b * attended_length`` over its sampled contexts and sums it over every step
+(see ``puzzle.profiling.profiler``). Memory is weights plus the KV cache at B x (input_len + output_len).
+
+Use::
+
+    prof = load_scenario_profile(store, "cpu-b8")
+    pred = predict(prof, child_config.block_configs)   # Prediction(tokens_per_s, ...)
+    variant_costs(prof, "ffn", "ffn_m0.5")             # the MIP's per-variant linear costs
+
+For the MIP (``puzzle.solver``): its resource ``decode_s:<scenario>`` is the *mean step time*
+(``output_len * decode_s`` = the generation), which is ``variant_costs(...)["decode_step_s"]``;
+``prefill_s`` and ``memory_bytes`` map one to one; add the ``non_block`` costs as the constant term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from puzzle.model import AttentionVariant, BlockConfig, FFNVariant, variant_from_name
+from puzzle.store import Store
+
+KINDS = ("attention", "ffn", "non_block")
+NON_BLOCK = "non_block"
+
+
+class ProfileError(ValueError):
+    """Profiles missing or inconsistent for what is asked (names the scenario, kind and variant)."""
+
+
+@dataclass(frozen=True)
+class VariantCost:
+    """Costs of one variant (or the non-block parts) on one scenario."""
+
+    kind: str
+    name: str
+    prefill_s: float  # prefill of the whole batch at input_len
+    decode_s: float  # every decode step of one generation, summed
+    decode_step_s: float  # decode_s / output_len: the solver's per-step resource
+    weight_bytes: int
+    kv_bytes: int  # KV cache at batch x (input_len + output_len)
+    memory_bytes: int  # weight_bytes + kv_bytes
+    params: int
+    estimate: bool  # True: analytic roofline, not measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The throughput model's answer for one child on one scenario."""
+
+    tokens_per_s: float
+    prefill_s: float
+    decode_s: float
+    memory_bytes: int
+    estimate: bool  # True when any cost involved is an estimate
+    weight_bytes: int = 0
+    kv_bytes: int = 0
+    params: int = 0
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_s"] = self.total_s
+        return d
+
+
+def _cost(rec: dict[str, Any]) -> VariantCost:
+    return VariantCost(
+        kind=rec["kind"], name=rec["variant"], prefill_s=float(rec["prefill_s"]), decode_s=float(rec["decode_s"]),
+        decode_step_s=float(rec["decode_step_s"]), weight_bytes=int(rec["weight_bytes"]),
+        kv_bytes=int(rec["kv_bytes"]), memory_bytes=int(rec["memory_bytes"]), params=int(rec["params"]),
+        estimate=bool(rec["estimate"]),
+    )
+
+
+class ScenarioProfile:
+    """Every profile record of one scenario, looked up by variant (by shape: ``ffn_m1.0`` and the
+    ``ffn_i<size>`` of the same intermediate size are the same module, so they share one cost)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]]) -> None:
+        if not records:
+            raise ProfileError("no profile records given")
+        first = records[0]
+        self.scenario: dict[str, Any] = dict(first["scenario"])
+        self.hidden_size = int(first["model"]["hidden_size"])
+        self.records = list(records)
+        self._by_variant: dict[tuple[str, Any], VariantCost] = {}
+        self.non_block: VariantCost | None = None
+        for rec in records:
+            if rec["scenario"] != self.scenario:
+                raise ProfileError(
+                    f"profile {rec['kind']}/{rec['variant']}: scenario {rec['scenario']} differs from "
+                    f"{self.scenario} of the other records; one scenario per ScenarioProfile"
+                )
+            if rec["kind"] not in KINDS:
+                raise ProfileError(f"profile record kind {rec['kind']!r} is not allowed; allowed: {list(KINDS)}")
+            cost = _cost(rec)
+            if rec["kind"] == NON_BLOCK:
+                self.non_block = cost
+            else:
+                self._by_variant[(rec["kind"], variant_from_name(rec["variant"], self.hidden_size))] = cost
+
+    @property
+    def name(self) -> str:
+        return str(self.scenario["name"])
+
+    @property
+    def estimate(self) -> bool:
+        return any(bool(r["estimate"]) for r in self.records)
+
+    def variants(self, kind: str) -> list[str]:
+        return sorted(c.name for (k, _), c in self._by_variant.items() if k == kind)
+
+    def cost(self, kind: str, variant: str | AttentionVariant | FFNVariant) -> VariantCost:
+        """The cost of a variant (object or name) of ``kind``; ``kind="non_block"`` ignores ``variant``."""
+        if kind == NON_BLOCK:
+            if self.non_block is None:
+                raise ProfileError(f"scenario {self.name!r}: no non_block profile (profile/{self.name}/non_block.json)")
+            return self.non_block
+        if kind not in ("attention", "ffn"):
+            raise ProfileError(f"kind: {kind!r} is not allowed; allowed: {list(KINDS)}")
+        v = variant_from_name(variant, self.hidden_size) if isinstance(variant, str) else variant
+        got = self._by_variant.get((kind, v))
+        if got is None:
+            raise ProfileError(
+                f"scenario {self.name!r}: no {kind} profile for variant {v.name!r}; profiled: {self.variants(kind)}"
+            )
+        return got
+
+
+def load_scenario_profile(store: Store, scenario: str) -> ScenarioProfile:
+    """Read every ``profile/<scenario>/*.json`` of a run's store."""
+    keys = [k for k in store.list(f"profile/{scenario}/") if k.endswith(".json")]
+    if not keys:
+        raise ProfileError(f"scenario {scenario!r}: no profiles under profile/{scenario}/; run the profile step first")
+    return ScenarioProfile([store.get_json(k) for k in sorted(keys)])
+
+
+def variant_costs(profile: ScenarioProfile, kind: str, name: str) -> dict[str, Any]:
+    """Per-variant linear costs the MIP uses: prefill_s, decode_s (whole generation), decode_step_s,
+    weight_bytes, kv_bytes, memory_bytes, params, estimate."""
+    return profile.cost(kind, name).to_dict()
+
+
+def predict(profile: ScenarioProfile, block_configs: Sequence[BlockConfig]) -> Prediction:
+    """Tokens/s, prefill and decode seconds and memory of a child with these per-layer blocks."""
+    if not block_configs:
+        raise ProfileError("block_configs: an empty list is not allowed; a child has at least one layer")
+    costs = [profile.cost(NON_BLOCK, NON_BLOCK)]
+    for b in block_configs:
+        costs.append(profile.cost("attention", b.attention))
+        costs.append(profile.cost("ffn", b.ffn))
+    prefill = sum(c.prefill_s for c in costs)
+    decode = sum(c.decode_s for c in costs)
+    sc = profile.scenario
+    total = prefill + decode
+    tokens = sc["batch_size"] * sc["output_len"]
+    return Prediction(
+        tokens_per_s=tokens / total if total > 0 else float("inf"),
+        prefill_s=prefill,
+        decode_s=decode,
+        memory_bytes=sum(c.memory_bytes for c in costs),
+        estimate=any(c.estimate for c in costs),
+        weight_bytes=sum(c.weight_bytes for c in costs),
+        kv_bytes=sum(c.kv_bytes for c in costs),
+        params=sum(c.params for c in costs),
+    )
