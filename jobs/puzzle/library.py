@@ -1,0 +1,307 @@
+"""The BLD block library: where trained (layer, variant) blocks live and how later steps load them.
+
+``bld`` writes one entry per (layer, variant); ``score`` and ``assemble`` read them. Entries are
+content-addressed: the library of a run lives at ``<store root>/library/<digest>/`` where the digest is
+the sha256 of (the parent's weight files, the distillation/validation token manifests, the BLD
+hyperparameters that change a block's weights, the training dtype, the format version). A second run
+with the same inputs resolves to the same digest and finds its blocks already trained, so bld skips
+them. Each run records the digest it uses in ``library.json`` (its own store), so score and assemble
+never rehash the parent.
+
+Layout under ``library/<digest>/``::
+
+    key.json                          what the digest was computed from (for humans and audits)
+    <layer:03d>/<variant>/weights.safetensors   the sub-block's weights, layer-relative HF names
+                                                (``DeciLayer.sublayer_state_dict``); absent for no_op
+    <layer:03d>/<variant>/meta.json   written last: marks the entry complete (initial/final
+                                      normalized MSE, loss curve, tokens, seconds, device)
+    checkpoints/<unit-id>/...         bld's resumable training state while a unit runs
+
+Coupled-mode entries are named ``<attn variant>+<ffn variant>`` and hold both sub-blocks' weights.
+Every block is trained independently of the others (own optimizer, own clipping, data order fixed by
+the seed), so an entry does not depend on which unit, or how many layers per unit, trained it.
+
+Use::
+
+    lib = Library.for_run(ctx)                  # or Library.for_run(run_store, config, parent_dir)
+    if lib.has(3, "attn_g4"):
+        lib.apply(model, 3, "attn_g4")          # swap the trained block into a DeciLMForCausalLM
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from puzzle.config import PuzzleConfig, StoreConfig
+from puzzle.model import (
+    AttentionVariant,
+    DeciLMForCausalLM,
+    FFNVariant,
+    attention_variant_from_name,
+    ffn_variant_from_name,
+)
+from puzzle.model.io import _weight_files
+from puzzle.store import Store, open_store
+
+if TYPE_CHECKING:
+    from puzzle.context import StepContext
+
+#: Bumped whenever the meaning of an entry changes, so old libraries are never mistaken for new ones.
+FORMAT_VERSION = 1
+LIBRARY_PREFIX = "library"
+#: The run-store key that records which library a run uses.
+RUN_RECORD_KEY = "library.json"
+WEIGHTS_NAME = "weights.safetensors"
+META_NAME = "meta.json"
+KEY_NAME = "key.json"
+_DIGEST_CHARS = 24  # 96 bits of sha256: collision-free for any realistic number of libraries
+_CHUNK = 1 << 22
+# BLD fields that do not change a block's weights (how units are cut and how often they checkpoint)
+_NOT_HASHED = ("layers_per_unit", "checkpoint_every")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LibraryError(KeyError):
+    """A library entry that is missing or malformed; the message names the layer, variant and library."""
+
+    def __str__(self) -> str:  # KeyError would show the repr
+        return str(self.args[0]) if self.args else ""
+
+
+def parent_weights_sha256(parent_dir: str | Path) -> str:
+    """sha256 over the parent's safetensors files (names and bytes, in sorted order)."""
+    h = hashlib.sha256()
+    for f in sorted(_weight_files(Path(parent_dir)), key=lambda p: p.name):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def data_sha256(run_store: Store) -> str:
+    """sha256 of the distillation and validation manifests (they carry counts and source sha256)."""
+    h = hashlib.sha256()
+    for split in ("data/distillation", "data/validation"):
+        h.update(split.encode() + b"\0" + run_store.get_bytes(f"{split}/manifest.json"))
+    return h.hexdigest()
+
+
+def hyperparameters(config: PuzzleConfig) -> dict[str, Any]:
+    """The settings that change a trained block's weights (see _NOT_HASHED for what is left out)."""
+    bld = {k: v for k, v in config.bld.model_dump(mode="json").items() if k not in _NOT_HASHED}
+    return {"bld": bld, "seq_len": config.data.seq_len, "dtype": config.parent.dtype, "format": FORMAT_VERSION}
+
+
+def library_key(run_store: Store, config: PuzzleConfig, parent_dir: str | Path) -> dict[str, Any]:
+    """What the library digest is computed from."""
+    return {
+        "parent_sha256": parent_weights_sha256(parent_dir),
+        "data_sha256": data_sha256(run_store),
+        "hyperparameters": hyperparameters(config),
+    }
+
+
+def digest_of(key: Mapping[str, Any]) -> str:
+    blob = json.dumps(key, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:_DIGEST_CHARS]
+
+
+def runs_root_uri(run_uri: str) -> str:
+    """The store root that holds the run (``<root>/<run-id>``): libraries live beside the runs."""
+    root, sep, _ = run_uri.rstrip("/").rpartition("/")
+    if not sep or "://" not in root or not root.split("://", 1)[1].strip("/"):
+        raise ValueError(f"run URI {run_uri!r}: has no parent folder to hold the library")
+    return root
+
+
+def split_variant(name: str) -> tuple[str, ...]:
+    """``"attn_g4"`` -> ("attn_g4",); coupled ``"attn_g4+ffn_m0.5"`` -> ("attn_g4", "ffn_m0.5")."""
+    parts = tuple(name.split("+"))
+    ok = (len(parts) == 1 and (name.startswith("attn_") or name.startswith("ffn_"))) or (
+        len(parts) == 2 and parts[0].startswith("attn_") and parts[1].startswith("ffn_")
+    )
+    if not ok:
+        raise ValueError(
+            f"variant {name!r} is not allowed; use an attention name (attn_g<N>, attn_linear, attn_noop), an "
+            "FFN name (ffn_m<mult>, ffn_i<size>, ffn_linear, ffn_noop) or '<attn>+<ffn>' for a coupled block"
+        )
+    return parts
+
+
+def parse_variants(name: str, hidden_size: int) -> list[AttentionVariant | FFNVariant]:
+    """The typed variant(s) a library entry name stands for (two for a coupled block)."""
+    out: list[AttentionVariant | FFNVariant] = []
+    for p in split_variant(name):
+        out.append(attention_variant_from_name(p) if p.startswith("attn_") else ffn_variant_from_name(p, hidden_size))
+    return out
+
+
+class Library:
+    """One content-addressed block library (``<root>/library/<digest>``)."""
+
+    def __init__(self, store: Store, digest: str) -> None:
+        self.store = store  # rooted at library/<digest>
+        self.digest = digest
+
+    def __repr__(self) -> str:
+        return f"Library({self.store.uri!r})"
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    # ----- finding the library ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, run_uri: str, digest: str, store_config: StoreConfig | None = None) -> Library:
+        root = open_store(runs_root_uri(run_uri), store_config)
+        return cls(root.child(f"{LIBRARY_PREFIX}/{digest}"), digest)
+
+    @classmethod
+    def for_run(
+        cls,
+        ctx_or_store: StepContext | Store,
+        config: PuzzleConfig | None = None,
+        parent_dir: str | Path | None = None,
+    ) -> Library:
+        """The library a run uses: the digest recorded in the run's ``library.json``, else computed from
+        the parent's weights (``parent_dir``, or ``ctx.parent_dir()``), the data and the config, and
+        then recorded."""
+        if isinstance(ctx_or_store, Store):
+            run_store = ctx_or_store
+            if config is None:
+                raise TypeError("Library.for_run(store, ...): config is required when a Store is given")
+        else:
+            run_store, config = ctx_or_store.store, ctx_or_store.config
+        assert config is not None
+        if run_store.exists(RUN_RECORD_KEY):
+            digest = run_store.get_json(RUN_RECORD_KEY)["digest"]
+            return cls.open(run_store.uri, digest, config.store)
+        if parent_dir is None:
+            if isinstance(ctx_or_store, Store):
+                raise LibraryError(
+                    f"run {run_store.uri!r} has no {RUN_RECORD_KEY} yet; pass parent_dir so the library digest "
+                    "can be computed from the parent's weights"
+                )
+            parent_dir = ctx_or_store.parent_dir()
+        key = library_key(run_store, config, parent_dir)
+        digest = digest_of(key)
+        lib = cls.open(run_store.uri, digest, config.store)
+        if not lib.store.exists(KEY_NAME):
+            lib.store.put_json(KEY_NAME, key)
+        # Concurrent units write identical records, and each write is atomic.
+        run_store.put_json(RUN_RECORD_KEY, {"digest": digest, "key": key})
+        return lib
+
+    # ----- entries ---------------------------------------------------------------------------------
+    @staticmethod
+    def prefix(layer: int, variant: str) -> str:
+        split_variant(variant)
+        if not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layer: {layer!r} is not allowed; must be an integer >= 0")
+        return f"{layer:03d}/{variant}"
+
+    def has(self, layer: int, variant: str) -> bool:
+        """True when the entry is complete (its meta.json exists)."""
+        return self.store.exists(f"{self.prefix(layer, variant)}/{META_NAME}")
+
+    def meta(self, layer: int, variant: str) -> dict[str, Any]:
+        key = f"{self.prefix(layer, variant)}/{META_NAME}"
+        if not self.store.exists(key):
+            raise LibraryError(f"library {self.uri}: no block for layer {layer}, variant {variant!r}")
+        return self.store.get_json(key)
+
+    def entries(self) -> list[tuple[int, str]]:
+        """Every complete (layer, variant), sorted."""
+        out = []
+        for k in self.store.list():
+            parts = k.split("/")
+            if len(parts) == 3 and parts[2] == META_NAME and parts[0].isdigit():
+                out.append((int(parts[0]), parts[1]))
+        return sorted(out)
+
+    def load_block(
+        self,
+        layer: int,
+        variant: str,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The entry's weights with layer-relative HF names (``self_attn.q_proj.weight``, ...); {} for no_op."""
+        meta = self.meta(layer, variant)
+        if not meta.get("has_weights", True):
+            return {}
+        sd = st_load(self.store.get_bytes(f"{self.prefix(layer, variant)}/{WEIGHTS_NAME}"))
+        return {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in sd.items()}
+
+    def save_block(
+        self, layer: int, variant: str, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+    ) -> None:
+        """Write an entry: weights first, then meta.json, which makes it visible to ``has``."""
+        prefix = self.prefix(layer, variant)
+        if state_dict:
+            sd = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+            self.store.put_bytes(f"{prefix}/{WEIGHTS_NAME}", st_save(sd, metadata={"format": "pt"}))
+        self.store.put_json(f"{prefix}/{META_NAME}", {**meta, "layer": layer, "variant": variant,
+                                                      "has_weights": bool(state_dict)})
+
+    def apply(self, model: DeciLMForCausalLM, layer: int, variant: str) -> None:
+        """Put ``variant`` at ``layer`` of ``model`` with the library's trained weights.
+
+        A variant the model already has at that layer (the parent's own) is left as it is: it needs no
+        library entry. Anything else without an entry is a :class:`LibraryError`.
+        """
+        n = len(model.model.layers)
+        if not 0 <= layer < n:
+            raise LibraryError(f"layer {layer} is outside the model (layers 0..{n - 1})")
+        parts = parse_variants(variant, model.config.hidden_size)
+        current = model.model.layers[layer]
+        if all(p.name == (current.attention_variant.name if isinstance(p, AttentionVariant)
+                          else current.ffn_variant.name) for p in parts) and not self.has(layer, variant):
+            return
+        ref = next(model.parameters())
+        sd = self.load_block(layer, variant, ref.device, ref.dtype)
+        for p in parts:
+            keys = ("input_layernorm.", "self_attn.") if isinstance(p, AttentionVariant) else (
+                "post_attention_layernorm.", "mlp.")
+            part_sd = {k: v for k, v in sd.items() if k.startswith(keys)}
+            try:
+                model.load_sublayer(layer, p, part_sd)
+            except ValueError as err:
+                raise LibraryError(f"library {self.uri}: layer {layer}, variant {variant!r}: {err}") from None
+
+    # ----- checkpoints (bld's resumable state) -----------------------------------------------------
+    def checkpoints(self, unit_id: str) -> Store:
+        return self.store.child(f"checkpoints/{unit_id}")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype: {name!r} is not allowed; allowed: {list(_DTYPES)}")
+    return _DTYPES[name]
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "LIBRARY_PREFIX",
+    "RUN_RECORD_KEY",
+    "Library",
+    "LibraryError",
+    "data_sha256",
+    "digest_of",
+    "dtype_of",
+    "hyperparameters",
+    "library_key",
+    "parent_weights_sha256",
+    "parse_variants",
+    "runs_root_uri",
+    "split_variant",
+]
