@@ -513,3 +513,11 @@ def test_mistral_parent_converts(tmp_path):
     (tmp_path / "mistral/config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match="sliding_window 16 is not supported"):
         load_parent(tmp_path / "mistral")
+
+
+def test_rope_frequencies_stay_fp32_in_bf16(parent):
+    _, d, p = parent
+    pb = load_parent(d, dtype="bfloat16")
+    assert pb.model.inv_freq.dtype == torch.float32
+    assert torch.equal(pb.model.inv_freq, p.model.inv_freq)
+    assert pb.lm_head.weight.dtype == torch.bfloat16

@@ -208,15 +208,8 @@ def load_pretrained(
     with torch.device("meta"):
         model = DeciLMForCausalLM(cfg)
     model.to_empty(device="cpu")
-    model.model.inv_freq = _inv_freq_for(cfg)
     _load_weights(model, read_safetensors(d), str(d))
     return _finish(model, dtype, device)
-
-
-def _inv_freq_for(cfg: ModelConfig) -> torch.Tensor:
-    from puzzle.model.modeling import rope_inv_freq
-
-    return rope_inv_freq(cfg)
 
 
 _PARENT_TYPES = ("llama", "mistral", "qwen2")
@@ -292,6 +285,5 @@ def load_parent(
     with torch.device("meta"):
         model = DeciLMForCausalLM(cfg)
     model.to_empty(device="cpu")
-    model.model.inv_freq = _inv_freq_for(cfg)
     _load_weights(model, sd, str(d))
     return _finish(model, dtype, device)

@@ -316,7 +316,14 @@ class DeciModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DeciLayer(cfg, b) for b in cfg.block_configs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._cfg = cfg
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # .to(bfloat16) would round the RoPE frequencies; recompute them in fp32 on the new device.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(self._cfg).to(self.embed_tokens.weight.device)
+        return self
 
 
 class DeciLMForCausalLM(nn.Module):
