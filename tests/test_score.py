@@ -1,0 +1,80 @@
+"""score: replace_one_block_scores on a small random parent with a freshly trained library."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from puzzle.config import load_config_text
+from puzzle.context import UnitError, create_run, run_step
+from puzzle.data.shards import load_tokens, sequences
+from puzzle.library import Library
+from puzzle.model import load_parent
+from puzzle.store import open_store
+from tinymodels import make_parent, write_text
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("score")
+    parent = make_parent(tmp / "parent")
+    train, valid = write_text(tmp / "train.txt", 300, 1), write_text(tmp / "valid.txt", 100, 2)
+    text = f"""
+name: t
+parent: {{uri: {parent}}}
+data: {{distillation_uri: {train}, validation_uri: {valid}, seq_len: 32}}
+search_space:
+  attention: {{n_heads_in_group: [4]}}
+  ffn: {{ffn_mult: [0.5]}}
+bld: {{layers_per_unit: 2, tokens: 1024, batch_size: 4, eval_tokens: 256, calibration_tokens: 256}}
+score: {{tokens: 320, batch_size: 4, layers_per_unit: 1}}
+profile: {{scenarios: [{{name: cpu, batch_size: 2, input_len: 8, output_len: 8}}]}}
+store: {{uri: "file://{tmp}/runs"}}
+"""
+    cfg = load_config_text(text)
+    run = create_run(cfg, text)
+    run_step("prepare", run, {"id": "all"})
+    store = open_store(run)
+    for u in store.get_json("plan/bld.json"):
+        run_step("bld", run, u)
+    for u in store.get_json("plan/score.json"):
+        run_step("score", run, u)
+    return run, store, cfg, parent
+
+
+def test_every_layer_and_variant_is_scored(scored_run):
+    _, store, _, _ = scored_run
+    variants = store.get_json("plan/variants.json")
+    for layer in range(2):
+        for v in variants["attention"] + variants["ffn"]:
+            rec = store.get_json(f"scores/{layer:03d}/{v}.json")
+            assert rec["tokens"] == 320 and rec["variant"] == v
+            if v in ("attn_g2", "ffn_i160"):  # the parent's own blocks
+                assert rec["parent_variant"] and rec["kl"] == 0.0
+            else:
+                assert rec["kl"] > 0 and rec["cosine_distance"] > 0
+        sim = store.get_json(f"scores/similarity/{layer:03d}.json")["cosine_similarity"]
+        assert -1 <= sim <= 1
+    # removing attention outright must cost more than a trained 2x GQA reduction
+    assert store.get_json("scores/001/attn_noop.json")["kl"] > store.get_json("scores/001/attn_g4.json")["kl"]
+
+
+def test_score_equals_a_full_forward_of_the_swapped_model(scored_run):
+    """The cached-prefix computation must give exactly what a whole child model gives."""
+    run, store, cfg, parent_dir = scored_run
+    parent = load_parent(parent_dir).eval()
+    child = load_parent(parent_dir).eval()
+    Library.for_run(store, cfg).apply(child, 1, "attn_linear")
+    ids = sequences(load_tokens(store, "data/validation"), 32)[:10]
+    with torch.no_grad():
+        lp = F.log_softmax(parent(ids).float(), -1)
+        lc = F.log_softmax(child(ids).float(), -1)
+    kl = F.kl_div(lc, lp, log_target=True, reduction="sum").item() / ids.numel()
+    assert store.get_json("scores/001/attn_linear.json")["kl"] == pytest.approx(kl, rel=1e-4)
+
+
+def test_unit_outside_the_parent_is_refused(scored_run):
+    run, *_ = scored_run
+    with pytest.raises(UnitError, match=r"layers: \[1, 5\]"):
+        run_step("score", run, {"id": "bad", "layers": [1, 5]})
