@@ -439,6 +439,9 @@ def test_tiny_parent_converts_losslessly():
     x = _ids(2, 32, seed=14) % hf.config.vocab_size
     with torch.no_grad():
         assert (hf(x).logits - p(x)).abs().max() < 1e-5
+    assert model_counts(p.config).params == sum(t.numel() for t in hf.parameters())
+    assert torch.equal(p.generate(x, 8), hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8,
+                                                     do_sample=False, eos_token_id=None, pad_token_id=0))
 
 
 def test_sublayer_state_dict_moves_a_block_between_models(parent):
