@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from puzzle.config import parse_config
 from puzzle.context import create_run
 from puzzle.data.shards import write_shards

@@ -126,7 +126,7 @@ def runs_root_uri(run_uri: str) -> str:
 def split_variant(name: str) -> tuple[str, ...]:
     """``"attn_g4"`` -> ("attn_g4",); coupled ``"attn_g4+ffn_m0.5"`` -> ("attn_g4", "ffn_m0.5")."""
     parts = tuple(name.split("+"))
-    ok = (len(parts) == 1 and (name.startswith("attn_") or name.startswith("ffn_"))) or (
+    ok = (len(parts) == 1 and name.startswith(("attn_", "ffn_"))) or (
         len(parts) == 2 and parts[0].startswith("attn_") and parts[1].startswith("ffn_")
     )
     if not ok:
