@@ -86,3 +86,10 @@ def test_bases_are_cuda_pytorch_and_python_slim():
     assert gpu["BASE_IMAGE"].startswith("pytorch/pytorch:") and "cuda" in gpu["BASE_IMAGE"]
     assert re.match(r"python:3\.1[1-9]-slim", cpu["BASE_IMAGE"])
     assert "whl/cpu" in cpu["TORCH_INDEX_URL"]
+
+
+def test_ci_installs_the_package_the_way_the_images_do():
+    """CI runs the images' install script, so a broken wheel build or requirement fails CI, not a pod."""
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    lines = [ln.strip() for ln in ci.splitlines() if not ln.strip().startswith("#")]
+    assert "sh images/install.sh ." in lines
