@@ -25,7 +25,7 @@ CHART = ROOT / "charts" / "puzzle"
 SCENARIOS = sorted(CHART.glob("ci/*-values.yaml"))
 KUBE_VERSION = "1.33.0"
 CRD_KINDS = {"WorkflowTemplate", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
-#: Metric names the dashboard and alerts assume; steps push them (see docs/kubernetes.md).
+#: Metric names the dashboard and alerts assume; steps push them (see README.md, "Run on Kubernetes").
 STEP_METRICS = {"puzzle_bld_loss", "puzzle_bld_tokens_per_second", "puzzle_bld_tokens_total",
                 "puzzle_bld_target_tokens", "puzzle_solve_objective"}
 ARGO_METRICS = {"puzzle_step_duration_seconds", "puzzle_step_result_total"}
