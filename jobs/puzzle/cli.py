@@ -14,8 +14,9 @@ import sys
 
 from puzzle import __version__, commands
 from puzzle.config import ConfigError
+from puzzle.store import InvalidKeyError, StoreError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError,)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, InvalidKeyError)
 
 
 class UserError(Exception):
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, *USER_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StoreError as err:
+        # storage trouble (after retries) is not bad input: exit 1 so Argo retries the pod
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -223,6 +223,11 @@ class StoreConfig(_Strict):
     endpoint_url: str | None = Field(None, description="S3 endpoint (else AWS_ENDPOINT_URL).")
     region: str | None = Field(None, description="S3 region (else AWS_REGION / AWS_DEFAULT_REGION).")
     path_style: bool = Field(True, description="Path-style addressing, as S3-compatible servers expect.")
+    retry_attempts: int = Field(5, ge=1, description="Attempts per store operation on transient errors.")
+    retry_base_delay_s: float = Field(0.5, gt=0, description="First backoff delay; doubles each attempt.")
+    retry_max_delay_s: float = Field(20.0, gt=0, description="Backoff delay cap.")
+    multipart_threshold_bytes: int = Field(64 * 2**20, ge=5 * 2**20, description="Objects above this go by multipart upload.")
+    multipart_chunksize_bytes: int = Field(64 * 2**20, ge=5 * 2**20, description="Multipart part size (S3 minimum 5 MiB).")
 
     @model_validator(mode="after")
     def _scheme(self) -> StoreConfig:

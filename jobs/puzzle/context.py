@@ -25,13 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from puzzle import pipeline
 from puzzle.config import ConfigError, PuzzleConfig, load_config_text
 from puzzle.metrics import StepMetrics
 from puzzle.store import Store, join_uri, open_store
 
 log = logging.getLogger(__name__)
 
-STEP_NAMES = ("prepare", "bld", "profile", "score", "solve", "assemble", "evaluate", "report")
+STEP_NAMES = tuple(s.name for s in pipeline.STEPS)
 CONFIG_KEY = "config.yaml"
 UNIT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")

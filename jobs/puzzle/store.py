@@ -71,13 +71,17 @@ class ArtifactNotFoundError(StoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+# config.py holds the defaults; these dataclasses only carry them.
+_DEFAULTS = StoreConfig()
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff for transient errors: attempt n waits about base*2**(n-1), capped."""
 
-    attempts: int = 5
-    base_delay_s: float = 0.5
-    max_delay_s: float = 20.0
+    attempts: int = _DEFAULTS.retry_attempts
+    base_delay_s: float = _DEFAULTS.retry_base_delay_s
+    max_delay_s: float = _DEFAULTS.retry_max_delay_s
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -95,8 +99,8 @@ class RetryPolicy:
 class TransferSettings:
     """S3 transfer tuning. Objects above ``multipart_threshold`` bytes go by multipart upload."""
 
-    multipart_threshold: int = 64 * 2**20
-    multipart_chunksize: int = 64 * 2**20  # S3 clamps parts to >= 5 MiB (except the last)
+    multipart_threshold: int = _DEFAULTS.multipart_threshold_bytes
+    multipart_chunksize: int = _DEFAULTS.multipart_chunksize_bytes  # S3 clamps parts to >= 5 MiB (except the last)
     max_concurrency: int = 8
     max_bandwidth: int | None = None  # bytes/s per transfer; None: unlimited
 
@@ -762,6 +766,10 @@ def open_store(
             )
         if prefix:
             validate_key(prefix)
+        if transfer is None and config is not None:
+            transfer = TransferSettings(config.multipart_threshold_bytes, config.multipart_chunksize_bytes)
+        if retry is None and config is not None:
+            retry = RetryPolicy(config.retry_attempts, config.retry_base_delay_s, config.retry_max_delay_s)
         t = transfer or TransferSettings()
         if t.multipart_chunksize < 1 or t.multipart_threshold < 1 or t.max_concurrency < 1:
             raise ValueError(f"transfer: {t} has a value < 1; sizes and concurrency must be >= 1")

@@ -6,11 +6,14 @@ processes. Exit status: 0 done (or already done), 2 bad input (Argo does not ret
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from pathlib import Path
 
+from puzzle.config import ConfigError
 from puzzle.context import STEP_NAMES, UnitError, parse_unit, run_step
+from puzzle.store import InvalidKeyError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +37,22 @@ def _main(args) -> int:
         return 2
     try:
         ran = run_step(args.name, args.run, unit, outputs_dir=args.outputs, force=args.force)
-    except UnitError as err:
+    except (UnitError, ConfigError, InvalidKeyError) as err:
         print(f"error: step {args.name}, unit {unit['id']}: {err}", file=sys.stderr)
         return 2
-    except MemoryError as err:
-        print(f"error: step {args.name}, unit {unit['id']}: out of memory ({err}); "
-              "lower the batch size in the config", file=sys.stderr)
-        return 1
+    except Exception as err:  # noqa: BLE001 - name the step and unit on every failure
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+            print(f"error: step {args.name}, unit {unit['id']}: out of memory ({str(err)[:300]}); "
+                  "lower the step's batch_size in the config", file=sys.stderr)
+            return 1
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            print(f"error: step {args.name}, unit {unit['id']}: no space left on device ({err.filename or ''}); "
+                  "free disk space or give the pod a larger scratch volume, then retry", file=sys.stderr)
+            return 1
+        if isinstance(err, StoreError):
+            print(f"error: step {args.name}, unit {unit['id']}: {err}", file=sys.stderr)
+            return 1
+        raise
     if not ran:
         print(f"{args.name}/{unit['id']}: already complete")
     return 0
