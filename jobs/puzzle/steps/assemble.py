@@ -1,0 +1,187 @@
+"""assemble: stitch one chosen architecture out of the parent and the BLD library; optional GKD uplift.
+
+One unit per entry of ``plan/assemble.json`` (written by solve)::
+
+    {"id": "sol-0", "kind": "puzzle"|"parent"|"uniform_ffn"|"layer_drop",
+     "block_configs": [{"attention": "attn_g4", "ffn": "ffn_m0.5"}, ...one per layer],
+     "predicted": {"<scenario>": {...}}}
+
+Per layer: the parent's own variant keeps the parent's weights, a ``no_op`` is built empty, anything
+else comes from the library (in coupled mode the ``<attn>+<ffn>`` block when the library has it).
+With ``assemble.gkd.enabled`` every unit except ``parent`` is then distilled as a whole from the parent
+(:mod:`puzzle.gkd`), baselines with the same budget as Puzzle's children, so the report compares like
+with like.
+
+Writes ``child/<id>/`` in the nemotron-nas format (config.json, safetensors, generation_config.json,
+tokenizer files), each file an atomic store write, and ``child/<id>/complete.json`` last: a child
+without it is incomplete (a killed pod) and is neither evaluated nor fetched. A retried unit deletes
+any half-written child first. Metrics: ``puzzle_gkd_loss``, ``puzzle_gkd_kl``, ``puzzle_gkd_steps``,
+``puzzle_child_params``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from puzzle.context import StepContext, UnitError
+from puzzle.data.shards import load_tokens, sequences
+from puzzle.library import Library, LibraryError, dtype_of
+from puzzle.model import (
+    AttentionVariant,
+    DeciLMForCausalLM,
+    FFNVariant,
+    attention_variant_from_name,
+    ffn_variant_from_name,
+    load_parent,
+    save_pretrained,
+)
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "complete.json"
+KINDS = ("parent", "puzzle", "uniform_ffn", "layer_drop")
+
+
+def child_prefix(unit_id: str) -> str:
+    return f"child/{unit_id}"
+
+
+def parse_block_configs(raw: Any, n_layers: int, hidden_size: int) -> list[tuple[AttentionVariant, FFNVariant]]:
+    """The unit's per-layer (attention, FFN) variants; errors name the layer and the value."""
+    if not isinstance(raw, list) or len(raw) != n_layers:
+        got = len(raw) if isinstance(raw, list) else type(raw).__name__
+        raise UnitError(f"block_configs: {got} entries is not allowed; the parent has {n_layers} layers, one each")
+    out = []
+    for i, b in enumerate(raw):
+        if not isinstance(b, dict) or not isinstance(b.get("attention"), str) or not isinstance(b.get("ffn"), str):
+            raise UnitError(f"block_configs[{i}]: {b!r} is not allowed; need {{'attention': NAME, 'ffn': NAME}}")
+        try:
+            out.append((attention_variant_from_name(b["attention"]), ffn_variant_from_name(b["ffn"], hidden_size)))
+        except ValueError as err:
+            raise UnitError(f"block_configs[{i}]: {err}") from None
+    return out
+
+
+def build_child(parent: DeciLMForCausalLM, blocks: list[tuple[AttentionVariant, FFNVariant]],
+                library: Library | None, coupled: bool = False) -> DeciLMForCausalLM:
+    """Turn ``parent`` (modified in place and returned) into the child with ``blocks``."""
+    for i, (attn, ffn) in enumerate(blocks):
+        layer = parent.model.layers[i]
+        # by shape: the parent's ffn_i<size> and an ffn_m<mult> of that size are the same module
+        own_attn = attn == layer.attention_variant
+        own_ffn = ffn == layer.ffn_variant
+        if own_attn and own_ffn:
+            continue
+        if coupled and library is not None and library.has(i, f"{attn.name}+{ffn.name}"):
+            library.apply(parent, i, f"{attn.name}+{ffn.name}")
+            continue
+        for variant, own in ((attn, own_attn), (ffn, own_ffn)):
+            if own:
+                continue
+            if variant.no_op:
+                (parent.set_attention if isinstance(variant, AttentionVariant) else parent.set_ffn)(i, variant, None)
+                continue
+            if library is None or not library.has(i, variant.name):
+                where = library.uri if library is not None else "(no library)"
+                raise UnitError(f"library {where} has no block for layer {i}, variant {variant.name!r}; run bld first")
+            try:
+                library.apply(parent, i, variant.name)
+            except LibraryError as err:
+                raise UnitError(str(err)) from None
+    parent.current_config()
+    return parent
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run(ctx: StepContext) -> None:
+    cfg = ctx.config
+    unit = ctx.unit
+    kind = unit.get("kind")
+    if kind not in KINDS:
+        raise UnitError(f"kind: {kind!r} is not allowed; allowed: {list(KINDS)}")
+    prefix = child_prefix(ctx.unit_id)
+    done = f"{prefix}/{COMPLETE}"
+    if ctx.store.exists(done) and ctx.store.get_json(done).get("unit") == unit:
+        log.info("%s already complete", prefix)  # killed after complete.json, before the done marker
+        return
+    started = time.time()
+    device = ctx.device()
+    dtype = dtype_of(cfg.parent.dtype)
+    parent_dir = ctx.parent_dir()
+    child = load_parent(parent_dir, dtype=dtype, device=device)
+    n = len(child.model.layers)
+    blocks = parse_block_configs(unit.get("block_configs"), n, child.config.hidden_size)
+    if cfg.search_space.serving == "vllm":
+        bad = [f"layer {i} {v.name}" for i, b in enumerate(blocks) for v in b if v.replace_with_linear]
+        if bad:
+            raise UnitError(
+                f"search_space.serving: 'vllm' cannot load replace_with_linear blocks, but unit {ctx.unit_id} has "
+                f"{', '.join(bad)}; vLLM's nemotron_nas loader has no such module"
+            )
+    needs_library = any(
+        not v.no_op and v != getattr(child.model.layers[i], part)
+        for i, b in enumerate(blocks) for v, part in zip(b, ("attention_variant", "ffn_variant"), strict=True)
+    )
+    library = Library.for_run(ctx) if needs_library else None
+    build_child(child, blocks, library, coupled=cfg.bld.mode == "coupled")
+
+    gkd: dict[str, Any] = {"enabled": False}
+    if cfg.assemble.gkd.enabled and kind != "parent":
+        from puzzle.gkd import distill
+
+        teacher = load_parent(parent_dir, dtype=dtype, device=device)
+        train = sequences(load_tokens(ctx.store, "data/distillation"), cfg.data.seq_len)
+        held = sequences(load_tokens(ctx.store, "data/validation"), cfg.data.seq_len)
+        held = held[: max(1, math.ceil(cfg.eval.tokens / cfg.data.seq_len))]
+
+        def on_step(step: int, point: dict[str, float]) -> None:
+            ctx.metrics.observe("gkd_step_loss", point["loss"], help="GKD loss of each optimizer step")
+
+        result = distill(child, teacher, train, cfg.assemble.gkd, seed=cfg.seed, eval_seqs=held,
+                         on_step=on_step, desc=f"gkd {ctx.unit_id}")
+        del teacher
+        gkd = {"enabled": True, **result.to_dict()}
+        ctx.metrics.set("gkd_loss", result.curve[-1]["loss"], help="GKD loss at the last step")
+        ctx.metrics.set("gkd_kl", result.initial_kl, help="Held-out KL(parent||child) per token", when="before")
+        ctx.metrics.set("gkd_kl", result.final_kl, help="Held-out KL(parent||child) per token", when="after")
+        ctx.metrics.set("gkd_steps", result.steps, help="GKD optimizer steps")
+        ctx.metrics.set("gkd_seconds", result.seconds, help="Seconds of GKD training")
+
+    out = ctx.scratch / "child"
+    try:
+        save_pretrained(child, out, tokenizer_dir=parent_dir, max_shard_bytes=cfg.assemble.max_shard_bytes,
+                        serving=cfg.search_space.serving)
+    except ValueError as err:
+        raise UnitError(str(err)) from None
+    # A retry must not leave files of an earlier, different attempt beside the new ones.
+    ctx.store.delete(done)
+    for key in ctx.store.list(prefix):
+        ctx.store.delete(key)
+    keys = ctx.store.upload_dir(prefix, out)
+    params = sum(p.numel() for p in child.parameters())
+    files = {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(out.rglob("*")) if p.is_file()}
+    ctx.store.put_json(done, {
+        "unit": unit, "id": ctx.unit_id, "kind": kind,
+        "block_configs": [{"attention": a.name, "ffn": f.name} for a, f in blocks],
+        "params": params, "files": files, "gkd": gkd, "seconds": time.time() - started,
+        "library": library.digest if library is not None else None, "device": str(device),
+    })
+    ctx.metrics.set("child_params", params, help="Parameters of the assembled child")
+    log.info("assembled %s (%d params, %d files) in %.1fs", prefix, params, len(keys), time.time() - started)
+
+
+__all__ = ["COMPLETE", "build_child", "child_prefix", "parse_block_configs", "run"]
+
