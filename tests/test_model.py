@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from puzzle.config import ConfigError, SearchSpaceConfig
 from puzzle.model import (
     AttentionVariant,
@@ -39,6 +41,7 @@ from puzzle.model import (
     save_pretrained,
     variant_from_name,
 )
+from puzzle.model.variants import block_config_from_json
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -524,3 +527,14 @@ def test_rope_frequencies_stay_fp32_in_bf16(parent):
     assert pb.model.inv_freq.dtype == torch.float32
     assert torch.equal(pb.model.inv_freq, p.model.inv_freq)
     assert pb.lm_head.weight.dtype == torch.bfloat16
+
+
+@given(mult=st.floats(0.05, 12.0), hidden=st.sampled_from([64, 96, 128, 192, 4096, 8192]),
+       exact=st.integers(1, 30000), use_exact=st.booleans())
+def test_ffn_sizes_survive_config_json(mult, hidden, exact, use_exact):
+    v = FFNVariant.exact(exact) if use_exact else FFNVariant.from_mult(mult, hidden)
+    block = BlockConfig(AttentionVariant.gqa(2), v)
+    back = block_config_from_json(json.loads(json.dumps(block.to_json(hidden))), 0, hidden, 8)
+    assert back.ffn.intermediate_size == v.intermediate_size
+    assert back == block
+    assert ffn_variant_from_name(v.name, hidden).intermediate_size == v.intermediate_size
