@@ -1,4 +1,5 @@
-"""score: replace_one_block_scores on a small random parent with a freshly trained library."""
+"""score and solve: replace_one_block_scores on a small random parent with a freshly trained library,
+then the MIP over those scores and the profiled costs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from puzzle.config import load_config_text
+from puzzle.config import ConfigError, load_config_text
 from puzzle.context import UnitError, create_run, run_step
 from puzzle.data.shards import load_tokens, sequences
 from puzzle.library import Library
@@ -29,7 +30,8 @@ search_space:
   ffn: {{ffn_mult: [0.5]}}
 bld: {{layers_per_unit: 2, tokens: 1024, batch_size: 4, eval_tokens: 256, calibration_tokens: 256}}
 score: {{tokens: 320, batch_size: 4, layers_per_unit: 1}}
-profile: {{scenarios: [{{name: cpu, batch_size: 2, input_len: 8, output_len: 8}}]}}
+profile: {{scenarios: [{{name: cpu, batch_size: 2, input_len: 8, output_len: 8}}], repeats: 3, warmup: 1}}
+solve: {{throughput: [{{scenario: cpu, min_speedup: 1.2}}], num_solutions: 3, min_hamming_distance: 2, pareto_points: 4}}
 store: {{uri: "file://{tmp}/runs"}}
 """
     cfg = load_config_text(text)
@@ -40,6 +42,8 @@ store: {{uri: "file://{tmp}/runs"}}
         run_step("bld", run, u)
     for u in store.get_json("plan/score.json"):
         run_step("score", run, u)
+    for u in store.get_json("plan/profile.json"):
+        run_step("profile", run, u)
     return run, store, cfg, parent
 
 
@@ -78,3 +82,50 @@ def test_unit_outside_the_parent_is_refused(scored_run):
     run, *_ = scored_run
     with pytest.raises(UnitError, match=r"layers: \[1, 5\]"):
         run_step("score", run, {"id": "bad", "layers": [1, 5]})
+
+
+def _selection(rec):
+    return [(i, slot, b[slot]) for i, b in enumerate(rec["block_configs"]) for slot in ("attention", "ffn")]
+
+
+def test_solve_returns_optimal_diverse_constraint_respecting_children(scored_run):
+    run, store, cfg, _ = scored_run
+    run_step("solve", run, {"id": "all"}, force=True)
+    sols = store.get_json("solve/solutions.json")
+    assert 1 <= len(sols) <= 3
+    for rec in sols:
+        assert rec["status"] == "optimal"
+        assert rec["predicted"]["cpu"]["speedup"] >= 1.2 - 1e-9
+        # the objective is the summed replace-1-block KL of the chosen blocks
+        kl = sum(store.get_json(f"scores/{layer:03d}/{v}.json")["kl"] for layer, _, v in _selection(rec))
+        assert rec["objective"] == pytest.approx(kl, rel=1e-6, abs=1e-12)
+    for i in range(len(sols)):
+        for j in range(i):
+            diff = sum(a != b for a, b in zip(_selection(sols[i]), _selection(sols[j])))
+            assert diff >= 2
+    pareto = store.get_json("solve/pareto.json")
+    assert len(pareto) == 4
+    objs = [p["objective"] for p in pareto]
+    assert objs == sorted(objs), "a faster target can never cost less degradation"
+    units = store.get_json("plan/assemble.json")
+    ids = [u["id"] for u in units]
+    assert ids[0] == "parent" and ids[1] == "sol-0"
+    assert {"baseline-uniform-ffn", "baseline-layer-drop"} <= set(ids)
+    drop = next(u for u in units if u["id"] == "baseline-layer-drop")
+    assert any(b == {"attention": "attn_noop", "ffn": "ffn_noop"} for b in drop["block_configs"])
+
+
+def test_infeasible_throughput_names_the_best_achievable(scored_run, tmp_path):
+    run, store, cfg, _ = scored_run
+    text = store.get_text("config.yaml").replace("min_speedup: 1.2", "min_speedup: 1000")
+    from puzzle.store import open_store as _open
+
+    bad = run.rsplit("/", 1)[0] + "/infeasible-run"
+    other = _open(bad)
+    for key in store.list():
+        if not key.startswith(("done/", "metrics/", "solve/", "plan/assemble")):
+            other.put_bytes(key, store.get_bytes(key))
+    other.put_text("config.yaml", text)
+    with pytest.raises(ConfigError, match=r"speedup over the parent on cpu >= 1000.*infeasible; the best child .* reaches [0-9.]+x"):
+        run_step("solve", bad, {"id": "all"})
+    assert not other.exists("plan/assemble.json")
