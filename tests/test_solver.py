@@ -23,6 +23,7 @@ from puzzle.solver import (
     InfeasibleError,
     ProblemError,
     SearchProblem,
+    SolverOptions,
     constraints_from_config,
     hamming_distance,
     memory_constraint,
@@ -50,15 +51,20 @@ def instances(draw, min_limit_frac: float = -0.1):
     slot_names = ["attention", "ffn"][: draw(st.integers(1, 2))]
     n_res = draw(st.integers(1, 3))
     res = [f"r{i}" for i in range(n_res)]
+    # Shared costs: a variant costs the same in every layer, as the profile measures it once;
+    # the solver then branches on per-variant counts. Otherwise costs differ per layer.
+    shared = draw(st.booleans())
+    n_cands = {s: draw(st.integers(2, 4)) for s in slot_names}
+    costs = {(s, i): {r: float(draw(st.integers(0, 20))) for r in res} for s in slot_names for i in range(n_cands[s])}
     slots = {}
     for layer in range(n_layers):
         for s in slot_names:
-            n_c = draw(st.integers(2, 4))
+            n_c = n_cands[s] if shared else draw(st.integers(2, 4))
             slots[(layer, s)] = [
                 Candidate(
                     f"v{i}",
                     draw(st.integers(0, 100)) / 100,
-                    {r: float(draw(st.integers(0, 20))) for r in res},
+                    costs[(s, i)] if shared else {r: float(draw(st.integers(0, 20))) for r in res},
                 )
                 for i in range(n_c)
             ]
@@ -142,6 +148,8 @@ def test_optimum_matches_brute_force_or_infeasibility_is_explained(inst):
         assert sol.status == "optimal"
         assert close(sol.objective, float(obj[mask].min())), (sol.objective, float(obj[mask].min()))
         assert_meets(problem, sol, constraints)
+        plain = solve(problem, constraints, SolverOptions(aggregate=False))
+        assert close(plain.objective, sol.objective)
         for r, v in problem.resource_totals(sol.selection).items():
             assert sol.resources[r] == pytest.approx(v)
         return

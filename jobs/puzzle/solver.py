@@ -16,7 +16,9 @@ A :class:`Constraint` is a linear limit over resource totals, so a scenario's wa
 (:func:`throughput_constraint`, :func:`speedup_constraint`, :func:`memory_constraint`, ...) turn a
 user's targets into those limits; :func:`constraints_from_config` does it for a ``solve:`` config
 section. The solver is CBC through python-mip, single-threaded with a fixed seed, so the same
-input gives the same answer.
+input gives the same answer. Candidates whose costs are equal (the same variant in different
+layers: the profile measures each variant once) enter the resource rows through one integer
+count per cost class, which CBC branches on far better than on the symmetric per-layer binaries.
 
 Entry points: :func:`solve` (one optimal child), :func:`solve_diverse` (several children, each
 differing from all earlier ones in at least ``min_hamming_distance`` slot choices),
@@ -353,6 +355,9 @@ class SolverOptions:
     mip_gap: float = 1e-6
     threads: int = 1
     seed: int = 0
+    aggregate: bool = True
+    """Branch on the count of each cost-identical variant class (see ``_optimize``); off only to
+    measure what it buys."""
 
     @classmethod
     def from_config(cls, cfg: SolveConfig) -> SolverOptions:
@@ -517,21 +522,47 @@ def _optimize(
         const = math.fsum(w * problem.non_block.get(r, 0.0) for r, w in terms.items())
         return per, const
 
+    rows = []
     for c in constraints:
         per, const = coefs(c.terms)
         rhs = c.limit - const
         # Rows are scaled to O(1) so CBC's absolute feasibility tolerance (1e-6) is a relative one:
         # per-layer decode times are ~1e-5 s and memory ~1e10 bytes in the same model.
         scale = max([abs(rhs)] + [abs(v) for vals in per.values() for v in vals] + [1e-300])
-        m += mip.xsum(v / scale * var for key in keys for v, var in zip(per[key], x[key]) if v != 0.0) <= rhs / scale
-
+        rows.append((per, rhs / scale, scale))
     if objective_terms is None:
         obj = {key: [c.score for c in problem.slots[key]] for key in keys}
     else:
         obj, _ = coefs(objective_terms)
     # Normalise the objective too: CBC derives its cutoff increment from absolute values.
     obj_scale = max([abs(v) for vals in obj.values() for v in vals] + [1e-300])
-    m.objective = mip.minimize(mip.xsum(v / obj_scale * var for key in keys for v, var in zip(obj[key], x[key]) if v != 0.0))
+
+    # Each term of the rows (and of a resource objective) is (coefficient vector, variable).
+    # The profile measures a variant once per scenario, so the same variant has the same costs in
+    # every layer. Candidates with equal coefficient vectors then enter the rows only through
+    # their count, n_k = sum of their x; giving CBC that integer to branch on turns the search
+    # from 'which layer' (symmetric, thousands of nodes) into 'how many' (a handful).
+    resource_obj = objective_terms is not None
+    classes: dict[tuple[float, ...], list[mip.Var]] = {}
+    for key in keys:
+        for ci, var in enumerate(x[key]):
+            vec = tuple(per[key][ci] for per, _, _ in rows) + ((obj[key][ci],) if resource_obj else ())
+            if any(v != 0.0 for v in vec):
+                classes.setdefault(vec, []).append(var)
+    terms: list[tuple[tuple[float, ...], mip.Var]] = []
+    for ki, (vec, members) in enumerate(classes.items()):
+        if options.aggregate and len(members) > 1:
+            count = m.add_var(name=f"n_{ki}", var_type=mip.INTEGER, lb=0, ub=len(members))
+            m += count == mip.xsum(members)
+            terms.append((vec, count))
+        else:
+            terms.extend((vec, var) for var in members)
+    for ri, (_, rhs, scale) in enumerate(rows):
+        m += mip.xsum(vec[ri] / scale * var for vec, var in terms if vec[ri] != 0.0) <= rhs
+    if resource_obj:
+        m.objective = mip.minimize(mip.xsum(vec[-1] / obj_scale * var for vec, var in terms if vec[-1] != 0.0))
+    else:
+        m.objective = mip.minimize(mip.xsum(v / obj_scale * var for key in keys for v, var in zip(obj[key], x[key]) if v != 0.0))
 
     n = len(keys)
     for earlier in cuts:
