@@ -538,3 +538,22 @@ def test_ffn_sizes_survive_config_json(mult, hidden, exact, use_exact):
     assert back.ffn.intermediate_size == v.intermediate_size
     assert back == block
     assert ffn_variant_from_name(v.name, hidden).intermediate_size == v.intermediate_size
+
+
+def test_save_copies_tokenizer_files(tmp_path):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    tdir = tmp_path / "tok"
+    tdir.mkdir()
+    tok = Tokenizer(WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    tok.save(str(tdir / "tokenizer.json"))
+    (tdir / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+    out = save_pretrained(_golden_child(), tmp_path / "with_tok", tokenizer_dir=tdir)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).read_bytes() == (tdir / f).read_bytes()
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).encode("a b").ids == [0, 1]
+    with pytest.raises(ModelLoadError, match="holds none of"):
+        save_pretrained(_golden_child(), tmp_path / "no_tok", tokenizer_dir=tmp_path / "no_tok")
