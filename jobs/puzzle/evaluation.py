@@ -1,0 +1,344 @@
+"""Evaluation of a model (a child, a baseline or the parent itself) against the parent: what ``evaluate`` measures.
+
+- :func:`compare_to_parent`: KL(parent || model) of next-token distributions and both perplexities on
+  the same held-out sequences;
+- :class:`DeciTextGenerator`: the :class:`puzzle.icl.generation.TextGenerator` protocol over the
+  project's own ``DeciLMForCausalLM`` (children are nemotron-nas, which transformers cannot load without
+  remote code), greedy or beam search, stopping at the end of the answer line;
+- :func:`task_accuracy`: exact match on the tiny SCAN task (:mod:`puzzle.data.tasks`);
+- :func:`icl_results`: the ICL benchmark (:mod:`puzzle.icl`) for each selection method;
+- :func:`throughput_figures`: measured tokens/s per scenario next to the profile's prediction;
+- :func:`lm_eval_results`: lm-evaluation-harness tasks through its Python API with
+  :class:`DeciLMEval` as the model (tasks by name, or local task files: ``.yaml``/``.json`` configs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from puzzle.config import ConfigError, ICLEvalConfig, ProfileConfig, Scenario
+from puzzle.data.tasks import MAX_NEW_TOKENS, evaluate_exact_match, scan_task_examples
+from puzzle.model import DeciLMForCausalLM
+
+
+# ----- KL and perplexity ---------------------------------------------------------------------------
+@torch.no_grad()
+def compare_to_parent(
+    model: DeciLMForCausalLM,
+    parent: DeciLMForCausalLM | None,
+    seqs: torch.Tensor,  # (N, T) held-out sequences
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """KL(parent || model) per token and perplexities of both on ``seqs``.
+
+    ``parent=None`` evaluates the parent itself: kl is 0 by definition and only one forward runs.
+    """
+    if len(seqs) == 0:
+        raise ValueError("seqs: no held-out sequences to evaluate on")
+    dev = next(model.parameters()).device
+    kl = nll = parent_nll = 0.0
+    tokens = predicted = 0
+    for s in range(0, len(seqs), batch_size):
+        ids = seqs[s : s + batch_size].to(dev)  # (B, T)
+        targets = ids[:, 1:].flatten()
+        lm = F.log_softmax(model(ids).float(), dim=-1)  # (B, T, V)
+        nll += F.nll_loss(lm[:, :-1].flatten(0, 1), targets, reduction="sum").item()
+        if parent is not None:
+            lp = F.log_softmax(parent(ids).float(), dim=-1)
+            kl += F.kl_div(lm, lp, log_target=True, reduction="sum").item()
+            parent_nll += F.nll_loss(lp[:, :-1].flatten(0, 1), targets, reduction="sum").item()
+        tokens += ids.numel()
+        predicted += targets.numel()
+    lm_loss = nll / predicted
+    parent_loss = parent_nll / predicted if parent is not None else lm_loss
+    return {
+        "kl": kl / tokens if parent is not None else 0.0,
+        "lm_loss": lm_loss,
+        "perplexity": math.exp(lm_loss),
+        "parent_lm_loss": parent_loss,
+        "parent_perplexity": math.exp(parent_loss),
+        "tokens": tokens,
+        "sequences": len(seqs),
+    }
+
+
+# ----- generation ----------------------------------------------------------------------------------
+class DeciTextGenerator:
+    """:class:`puzzle.icl.generation.TextGenerator` over a ``DeciLMForCausalLM`` and its ``tokenizer.json``.
+
+    Prompts are encoded with the tokenizer's own special tokens (a BOS where its post-processor adds
+    one, as in training), left-padded per batch, and decoded until a token holding a newline or EOS:
+    every answer of the shared prompt format is one line.
+    """
+
+    def __init__(self, model: DeciLMForCausalLM, tokenizer_dir: str | Path, batch_size: int = 16) -> None:
+        from tokenizers import Tokenizer
+
+        path = Path(tokenizer_dir) / "tokenizer.json"
+        if not path.is_file():
+            raise ConfigError(f"tokenizer: {str(path)!r} not found; a fast tokenizer (tokenizer.json) is required")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: value {batch_size} is not allowed; must be >= 1")
+        self.model = model
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.batch_size = batch_size
+        vocab = self.tokenizer.get_vocab()
+        eos = model.config.eos_token_id
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        # byte-level BPE spells a newline 'Ċ'; word-level tokenizers keep '\n'
+        self.stop_ids = sorted({*eos_ids, *(i for t, i in vocab.items() if "\n" in t or "Ċ" in t)})
+        pad = model.config.pad_token_id
+        self.pad_id = pad if isinstance(pad, int) else (eos_ids[0] if eos_ids else 0)
+
+    def _encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = [self.tokenizer.encode(p).ids for p in prompts]
+        width = max(len(e) for e in enc)
+        ids = torch.full((len(enc), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(enc), width, dtype=torch.long)
+        for r, e in enumerate(enc):
+            ids[r, width - len(e):] = torch.tensor(e, dtype=torch.long)  # left padding
+            mask[r, width - len(e):] = 1
+        return ids, mask
+
+    def _decode(self, ids: list[int]) -> str:
+        cut = next((k for k, t in enumerate(ids) if t in self.stop_ids), len(ids))
+        text = self.tokenizer.decode(ids[: cut + 1], skip_special_tokens=True)
+        return text
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], max_new_tokens: int, num_beams: int = 1, num_return_sequences: int = 1
+    ) -> list[list[str]]:
+        if num_return_sequences > num_beams:
+            raise ValueError(
+                f"num_return_sequences: value {num_return_sequences} is not allowed; must be <= num_beams ({num_beams})"
+            )
+        dev = next(self.model.parameters()).device
+        out: list[list[str]] = []
+        # longest prompts together, so a batch pads little; answers go back in the caller's order
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        answers: dict[int, list[str]] = {}
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            ids, mask = self._encode([prompts[i] for i in idx])
+            seqs = self.model.generate(
+                ids.to(dev), max_new_tokens, eos_token_id=self.stop_ids, num_beams=num_beams,
+                num_return_sequences=num_return_sequences, attention_mask=mask.to(dev), pad_token_id=self.pad_id,
+            )  # (B * R, T + new)
+            new = seqs[:, ids.shape[1]:].tolist()
+            for j, i in enumerate(idx):
+                answers[i] = [self._decode(new[j * num_return_sequences + r]) for r in range(num_return_sequences)]
+        for i in range(len(prompts)):
+            out.append(answers[i])
+        return out
+
+    def generate_fn(self, max_new_tokens: int = MAX_NEW_TOKENS):
+        """The ``GenerateFn`` form :func:`puzzle.data.tasks.evaluate_exact_match` takes (greedy)."""
+        return lambda prompts: [a[0] for a in self.generate(prompts, max_new_tokens)]
+
+
+# ----- tasks ---------------------------------------------------------------------------------------
+def task_accuracy(generator: DeciTextGenerator, n: int, seed: int = 0, split: str = "template",
+                  part: str = "valid") -> dict[str, Any]:
+    """Exact match on ``n`` held-out tiny-task (SCAN) episodes; deterministic in ``seed``."""
+    items = scan_task_examples(n, seed=seed, split=split, part=part)
+    res = evaluate_exact_match(generator.generate_fn(), items, batch_size=generator.batch_size)
+    return {**res, "task": f"scan:{split}", "part": part}
+
+
+def icl_results(generator: DeciTextGenerator, cfg: ICLEvalConfig,
+                aux: DeciTextGenerator | None = None) -> dict[str, Any]:
+    """The ICL benchmark per dataset:split x method (per-item records dropped: the report needs the
+    figures; ``records`` of thousands of prompts would dominate every report.json)."""
+    from puzzle.icl.benchmark import run_icl_benchmark
+
+    out = run_icl_benchmark(generator, cfg, aux)
+    for per_method in out["results"].values():
+        for r in per_method.values():
+            r.pop("records", None)
+    return out
+
+
+# ----- throughput ----------------------------------------------------------------------------------
+def throughput_figures(
+    model: DeciLMForCausalLM,
+    scenarios: Sequence[Scenario],
+    settings: ProfileConfig,
+    predicted: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Per scenario: the measured whole-model throughput (``puzzle.profiling.bench``) and the
+    prediction of the throughput model, side by side. A scenario whose device is absent here is
+    reported with ``measured: null`` and the reason, never with a guess."""
+    from puzzle.profiling.bench import measure_throughput
+    from puzzle.profiling.profiler import target_device
+
+    out: dict[str, Any] = {}
+    for sc in scenarios:
+        pred = (predicted or {}).get(sc.name)
+        if target_device(sc) is None:
+            out[sc.name] = {"predicted": pred, "measured": None,
+                            "reason": f"device {sc.device!r} is absent on this machine"}
+            continue
+        m = measure_throughput(model, sc, warmup=settings.warmup, repeats=settings.repeats,
+                               cuda_graphs=settings.cuda_graphs, seed=seed).to_dict()
+        ratio = m["tokens_per_s"] / pred["tokens_per_s"] if pred and pred.get("tokens_per_s") else None
+        out[sc.name] = {"predicted": pred, "measured": m, "measured_over_predicted": ratio}
+    return out
+
+
+# ----- lm-evaluation-harness -----------------------------------------------------------------------
+def _lm_eval():
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.api.model import LM
+    except ImportError:
+        raise ConfigError(
+            "eval.lm_eval_tasks: lm-evaluation-harness is not installed; `pip install lm-eval` (it installs from "
+            "PyPI), or set eval.lm_eval_tasks: [] to skip it"
+        ) from None
+    return LM
+
+
+def lm_eval_model(model: DeciLMForCausalLM, tokenizer_dir: str | Path, batch_size: int = 8):
+    """An lm-evaluation-harness ``LM`` over ``model`` (loglikelihood, rolling loglikelihood, generate_until)."""
+    LM = _lm_eval()
+    gen = DeciTextGenerator(model, tokenizer_dir, batch_size)
+    tok = gen.tokenizer
+    max_len = int(model.config.max_position_embeddings)
+    dev = next(model.parameters()).device
+
+    class DeciLMEval(LM):
+        """lm-eval's model interface over the project's DeciLMForCausalLM (no transformers loading)."""
+
+        @torch.no_grad()
+        def _continuation_logprob(self, ctx_ids: list[int], cont_ids: list[int]) -> tuple[float, bool]:
+            ids = (ctx_ids + cont_ids)[-(max_len + 1):]
+            inp = torch.tensor([ids[:-1]], device=dev)  # (1, T)
+            logp = F.log_softmax(model(inp).float(), dim=-1)[0]  # (T, V)
+            n = len(cont_ids)
+            tail = logp[-n:]  # (n, V) predictions of the continuation's tokens
+            target = torch.tensor(ids[-n:], device=dev)
+            lp = tail.gather(-1, target[:, None]).sum().item()
+            greedy = bool((tail.argmax(-1) == target).all())
+            return lp, greedy
+
+        def loglikelihood(self, requests):
+            out = []
+            for req in requests:
+                context, continuation = req.args
+                ctx = tok.encode(context).ids
+                whole = tok.encode(context + continuation).ids
+                # tokenize the pair together (BPE merges across the boundary), then split at the context
+                cont = whole[len(ctx):] if whole[: len(ctx)] == ctx else tok.encode(continuation, add_special_tokens=False).ids
+                out.append(self._continuation_logprob(ctx, cont) if cont else (0.0, True))
+            return out
+
+        def loglikelihood_rolling(self, requests):
+            out = []
+            for req in requests:
+                ids = tok.encode(req.args[0]).ids
+                total = 0.0
+                # non-overlapping windows of max_len predictions, each conditioned on its own prefix
+                for s in range(1, len(ids), max_len):
+                    total += self._continuation_logprob(ids[max(0, s - max_len):s], ids[s : s + max_len])[0]
+                out.append(total)
+            return out
+
+        def generate_until(self, requests):
+            out = []
+            for req in requests:
+                context, kwargs = req.args
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                n = int(kwargs.get("max_gen_toks", 64))
+                ids, mask = gen._encode([context])
+                seq = model.generate(ids.to(dev), n, eos_token_id=model.config.eos_token_id,
+                                     attention_mask=mask.to(dev), pad_token_id=gen.pad_id)
+                text = tok.decode(seq[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+                for u in until:
+                    if u and u in text:
+                        text = text[: text.index(u)]
+                out.append(text)
+            return out
+
+    return DeciLMEval()
+
+
+def load_task_spec(spec: str) -> str | dict[str, Any]:
+    """A task name as is, or the config dict of a local ``.json`` / ``.yaml`` task file.
+
+    A local file's relative ``data_files`` resolve against the file's folder, so a task and its data
+    can ship together.
+    """
+    p = Path(spec)
+    if p.suffix not in (".json", ".yaml", ".yml"):
+        return spec
+    if not p.is_file():
+        raise ConfigError(f"eval.lm_eval_tasks: task file {spec!r} does not exist")
+    try:
+        if p.suffix == ".json":
+            cfg = json.loads(p.read_text(encoding="utf-8"))
+        else:
+            import yaml
+
+            cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, ValueError) as err:
+        raise ConfigError(f"eval.lm_eval_tasks: task file {spec!r} is not valid: {err}") from None
+    if not isinstance(cfg, dict) or "task" not in cfg:
+        raise ConfigError(f"eval.lm_eval_tasks: task file {spec!r} must be a mapping with a 'task' name")
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    if files is not None:
+        def fix(f: str) -> str:
+            return f if Path(f).is_absolute() else str((p.parent / f).resolve())
+
+        cfg["dataset_kwargs"]["data_files"] = (
+            fix(files) if isinstance(files, str)
+            else {k: fix(v) for k, v in files.items()} if isinstance(files, dict) else [fix(f) for f in files]
+        )
+    return cfg
+
+
+def lm_eval_results(model: DeciLMForCausalLM, tokenizer_dir: str | Path, tasks: Sequence[str],
+                    limit: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` on ``tasks``; returns ``{task: {metric: value}}`` (JSON-safe)."""
+    _lm_eval()
+    import lm_eval
+
+    specs = [load_task_spec(t) for t in tasks]
+    try:
+        res = lm_eval.simple_evaluate(
+            model=lm_eval_model(model, tokenizer_dir), tasks=specs, limit=limit, log_samples=False,
+            random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+            bootstrap_iters=0,
+        )
+    except (KeyError, ValueError, FileNotFoundError, ConnectionError, OSError) as err:
+        raise ConfigError(
+            f"eval.lm_eval_tasks: {list(tasks)} could not be evaluated ({type(err).__name__}: {err}); registered "
+            "tasks download their data from the Hugging Face hub, which this machine cannot reach: give local "
+            "task files (.yaml/.json with dataset_path: json and dataset_kwargs.data_files)"
+        ) from None
+    out: dict[str, Any] = {}
+    for name, metrics in (res or {}).get("results", {}).items():
+        out[name] = {k: v for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and not (isinstance(v, float) and not math.isfinite(v))}
+    return out
+
+
+__all__ = [
+    "DeciTextGenerator",
+    "compare_to_parent",
+    "icl_results",
+    "lm_eval_model",
+    "lm_eval_results",
+    "load_task_spec",
+    "task_accuracy",
+    "throughput_figures",
+]

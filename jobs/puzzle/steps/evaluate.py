@@ -1,0 +1,110 @@
+"""evaluate: one assembled model (a Puzzle child, a baseline, or the parent itself) against the parent.
+
+Same unit as assemble (``plan/assemble.json``; the pipeline pairs each evaluate unit with its own
+assemble unit). Reads ``child/<id>/`` (refused unless ``complete.json`` is there) and the parent, then
+measures, on the same data for every unit:
+
+- quality: KL(parent || child) per token and the perplexities of both on ``eval.tokens`` held-out
+  tokens of ``data/validation``;
+- task: exact match on ``eval.task_examples`` held-out tiny-task (SCAN) episodes;
+- throughput: tokens/s measured per profile scenario (``puzzle.profiling.bench``) next to the
+  prediction solve made for this architecture;
+- ICL (``eval.icl.enabled``): exact match per dataset:split x selection method; Cover-LS's structures
+  come from the parent's beams for every unit, so parent and child see the same demonstrations;
+- lm-evaluation-harness tasks (``eval.lm_eval_tasks``) through its Python API.
+
+The parent's own task/ICL/throughput figures are the ``parent`` unit's; the report divides by them
+(retention, measured speedup). Writes ``eval/<id>/report.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from puzzle.context import StepContext, UnitError
+from puzzle.data.shards import load_tokens, sequences
+from puzzle.evaluation import (
+    DeciTextGenerator,
+    compare_to_parent,
+    icl_results,
+    lm_eval_results,
+    task_accuracy,
+    throughput_figures,
+)
+from puzzle.library import dtype_of
+from puzzle.model import load_parent, load_pretrained
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "complete.json"
+
+
+def report_key(unit_id: str) -> str:
+    return f"eval/{unit_id}/report.json"
+
+
+def run(ctx: StepContext) -> None:
+    cfg = ctx.config
+    ev = cfg.eval
+    uid = ctx.unit_id
+    started = time.time()
+    complete = f"child/{uid}/{COMPLETE}"
+    if not ctx.store.exists(complete):
+        raise UnitError(f"child/{uid} is not complete (no {complete}); run `puzzle step assemble` for this unit first")
+    record = ctx.store.get_json(complete)
+    device = ctx.device()
+    dtype = dtype_of(cfg.parent.dtype)
+    child_dir = ctx.scratch / "child"
+    keys = [k for k in ctx.store.list(f"child/{uid}") if not k.endswith(COMPLETE)]
+    for k in keys:
+        ctx.store.get_file(k, child_dir / k[len(f"child/{uid}/"):])
+    child = load_pretrained(child_dir, dtype=dtype, device=device)
+    is_parent = record.get("kind") == "parent"
+    parent = None if is_parent else load_parent(ctx.parent_dir(), dtype=dtype, device=device)
+
+    out: dict[str, Any] = {
+        "id": uid, "kind": record.get("kind"), "block_configs": record.get("block_configs"),
+        "predicted": ctx.unit.get("predicted"), "params": sum(p.numel() for p in child.parameters()),
+        "gkd": record.get("gkd"), "device": str(device),
+    }
+
+    seqs = sequences(load_tokens(ctx.store, "data/validation"), cfg.data.seq_len)
+    seqs = seqs[: max(1, math.ceil(ev.tokens / cfg.data.seq_len))]
+    out["quality"] = compare_to_parent(child, parent, seqs, batch_size=cfg.score.batch_size)
+    ctx.metrics.set("eval_kl", out["quality"]["kl"], help="KL(parent||model) per held-out token")
+    ctx.metrics.set("eval_perplexity", out["quality"]["perplexity"], help="Held-out perplexity")
+
+    gen = DeciTextGenerator(child, child_dir)
+    out["task"] = None
+    if ev.task_examples > 0:
+        out["task"] = task_accuracy(gen, ev.task_examples, seed=cfg.seed)
+        ctx.metrics.set("eval_task_accuracy", out["task"]["accuracy"], help="Tiny-task exact match")
+
+    out["throughput"] = {}
+    if ev.measure_throughput:
+        out["throughput"] = throughput_figures(child, cfg.profile.scenarios, cfg.profile, ctx.unit.get("predicted"),
+                                               seed=cfg.seed)
+        for sc, t in out["throughput"].items():
+            if t["measured"] is not None:
+                ctx.metrics.set("eval_tokens_per_s", t["measured"]["tokens_per_s"],
+                                help="Measured generation throughput", scenario=sc)
+
+    out["icl"] = None
+    if ev.icl.enabled:
+        aux = DeciTextGenerator(parent, ctx.parent_dir()) if parent is not None else None
+        out["icl"] = icl_results(gen, ev.icl, aux)
+
+    out["lm_eval"] = None
+    if ev.lm_eval_tasks:
+        out["lm_eval"] = lm_eval_results(child, child_dir, ev.lm_eval_tasks, seed=cfg.seed)
+
+    out["seconds"] = time.time() - started
+    ctx.store.put_json(report_key(uid), out)
+    log.info("evaluated %s in %.1fs: kl %.4f, ppl %.2f", uid, out["seconds"], out["quality"]["kl"],
+             out["quality"]["perplexity"])
+
+
+__all__ = ["report_key", "run"]
