@@ -557,3 +557,35 @@ def test_save_copies_tokenizer_files(tmp_path):
     assert Tokenizer.from_file(str(out / "tokenizer.json")).encode("a b").ids == [0, 1]
     with pytest.raises(ModelLoadError, match="holds none of"):
         save_pretrained(_golden_child(), tmp_path / "no_tok", tokenizer_dir=tmp_path / "no_tok")
+
+
+def test_serving_vllm_sizes_ffns_the_way_vllm_does():
+    """vLLM ignores intermediate_size and sizes FFNs from ffn_mult; a vllm search space must match that."""
+    from puzzle.config import SearchSpaceConfig
+    from puzzle.model import ModelConfig, expand_search_space, vllm_intermediate_size
+    from puzzle.model.variants import AttentionVariant, BlockConfig, FFNVariant
+
+    parent = ModelConfig(vocab_size=64, hidden_size=192, num_attention_heads=8,
+                         block_configs=[BlockConfig(AttentionVariant.gqa(2), FFNVariant.exact(512))] * 2)
+    space = SearchSpaceConfig.model_validate({"serving": "vllm", "attention": {"replace_with_linear": False},
+                                              "ffn": {"ffn_mult": [1.0, 3.0], "replace_with_linear": False}})
+    _, ffn = expand_search_space(space, parent)
+    sized = {v.ffn_mult: v.intermediate_size for v in ffn if v.ffn_mult is not None}
+    # 1.0 -> round_up(128, 256) = 256; 3.0 -> round_up(384, 256) = 512, the parent's own size, so it is
+    # the parent's variant and not listed twice
+    assert vllm_intermediate_size(3.0, 192) == 512
+    assert sized == {1.0: 256}
+
+
+def test_saving_for_vllm_refuses_ffn_sizes_vllm_cannot_rebuild(tmp_path):
+    from puzzle.model import DeciLMForCausalLM, ModelConfig, save_pretrained
+    from puzzle.model.variants import AttentionVariant, BlockConfig, FFNVariant
+
+    ok = BlockConfig(AttentionVariant.gqa(2), FFNVariant.exact(512))
+    odd = BlockConfig(AttentionVariant.gqa(2), FFNVariant.exact(384))  # vLLM would build 512
+    cfg = ModelConfig(vocab_size=64, hidden_size=192, num_attention_heads=8, block_configs=[ok, odd])
+    model = DeciLMForCausalLM(cfg)
+    with pytest.raises(ValueError, match=r"layer 1 \(ffn_i384: 384\)"):
+        save_pretrained(model, tmp_path / "vllm", serving="vllm")
+    save_pretrained(model, tmp_path / "any", serving="any")
+    assert (tmp_path / "any" / "config.json").is_file()

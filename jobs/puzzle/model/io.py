@@ -20,7 +20,13 @@ from safetensors.torch import save_file
 
 from puzzle.model.config import ModelConfig, _rope_from_hf
 from puzzle.model.modeling import DeciLMForCausalLM
-from puzzle.model.variants import AttentionVariant, BlockConfig, BlockConfigError, FFNVariant
+from puzzle.model.variants import (
+    AttentionVariant,
+    BlockConfig,
+    BlockConfigError,
+    FFNVariant,
+    vllm_intermediate_size,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -67,6 +73,19 @@ def save_pretrained(
             raise ValueError(
                 f"serving: 'vllm' cannot load replace_with_linear blocks, but the child has them at "
                 f"{', '.join(bad)}; choose other variants there or save with serving='any'"
+            )
+        # vLLM sizes an FFN from ffn_mult alone (round_up(int(2*ffn_mult*hidden/3), 256)) and ignores
+        # intermediate_size, so any other size would load with the wrong weight shapes there.
+        odd = []
+        for i, b in enumerate(cfg.block_configs):
+            j = b.ffn.to_json(cfg.hidden_size)
+            if b.ffn.kind == "swiglu" and vllm_intermediate_size(j["ffn_mult"], cfg.hidden_size) != b.ffn.intermediate_size:
+                odd.append(f"layer {i} ({b.ffn.name}: {b.ffn.intermediate_size})")
+        if odd:
+            raise ValueError(
+                "serving: 'vllm' sizes FFNs as round_up(int(2*ffn_mult*hidden/3), 256) and ignores intermediate_size, "
+                f"so it cannot load the FFN sizes at {', '.join(odd)}; use ffn_mult values whose size follows that rule "
+                "or save with serving='any'"
             )
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes: {max_shard_bytes} is not allowed; must be >= 1")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from puzzle.config import ConfigError, SearchSpaceConfig
 from puzzle.model.config import ModelConfig
-from puzzle.model.variants import AttentionVariant, FFNVariant
+from puzzle.model.variants import AttentionVariant, FFNVariant, vllm_intermediate_size
 
 
 def head_divisors(num_attention_heads: int) -> list[int]:
@@ -57,6 +57,8 @@ def expand_search_space(
     taken = {v.intermediate_size for v in ffn if v.kind == "swiglu"}
     for m in space.ffn.ffn_mult:
         v = FFNVariant.from_mult(m, parent_cfg.hidden_size)
+        if not linear_ok:  # serving: vllm builds exactly vLLM's size for an ffn_mult
+            v = FFNVariant("swiglu", vllm_intermediate_size(m, parent_cfg.hidden_size), float(m))
         if v.intermediate_size in taken:
             continue
         taken.add(v.intermediate_size)
