@@ -20,8 +20,10 @@ the whole model.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,16 +54,49 @@ def decode_contexts(input_len: int, output_len: int) -> range:
     return range(input_len, input_len + output_len - 1)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (x2, x1) along the last dim: with a sign-folded sin this is Llama's rotate_half in
+    one kernel instead of three (neg, cat)."""
+    d = x.shape[-1]
+    return x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (B, 1, T, d), for position_ids (B, T): the model's rotary embedding."""
+def _rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    # Llama's RMSNorm (fp32 statistics, cast back before the weight) with the fused rms_norm kernel.
+    return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype)
+
+
+@dataclass
+class Rope:
+    """Rotary tables of one pass, each (B, 1, T, d): ``sin`` carries rotate_half's sign; the ``q_``
+    tables also carry attention's 1/sqrt(d), so scores need no separate scaling kernel."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_cos: torch.Tensor
+    q_sin: torch.Tensor
+
+
+def rope_tables(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
+    """Rope for position_ids (B, T): the model's rotary embedding (Llama's cos/sin)."""
     freqs = position_ids.float().unsqueeze(-1) * inv_freq  # (B, T, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d)
-    return emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1)
+    d = emb.shape[-1]
+    sign = torch.ones(d, device=emb.device)
+    sign[: d // 2] = -1.0
+    cos, sin = emb.cos().unsqueeze(1), (emb.sin() * sign).unsqueeze(1)  # (B, 1, T, d)
+    scale = 1.0 / math.sqrt(d)
+    return Rope(cos.to(dtype), sin.to(dtype), (cos * scale).to(dtype), (sin * scale).to(dtype))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(x * cos, _swap_halves(x), sin)
+
+
+def decode_bias(pos: torch.Tensor, attended: int, dtype: torch.dtype) -> torch.Tensor:
+    """(attended,) additive mask of a decode step: 0 for slots <= pos, -inf after."""
+    slots = torch.arange(attended, device=pos.device)
+    return torch.zeros(attended, device=pos.device, dtype=dtype).masked_fill(slots > pos, float("-inf"))
 
 
 class AttnBlock:
@@ -81,16 +116,15 @@ class AttnBlock:
             shape = (batch, attn.n_kv, max_len, attn.head_dim)
             self.kc = torch.zeros(shape, dtype=w.dtype, device=w.device)
             self.vc = torch.zeros(shape, dtype=w.dtype, device=w.device)
-            self.scale = 1.0 / math.sqrt(attn.head_dim)
 
     def kv_bytes(self) -> int:
         if self.kc is None:
             return 0
         return 2 * self.kc.numel() * self.kc.element_size()
 
-    def prefill(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """h (B, T, C), cos/sin (B, 1, T, d); fills cache slots 0..T-1."""
-        x = self.norm(h)
+    def prefill(self, h: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """h (B, T, C); fills cache slots 0..T-1."""
+        x = _rms_norm(self.norm, h)
         if not self.gqa:
             return h + self.attn.linear_attn(x)
         a = self.attn
@@ -98,34 +132,36 @@ class AttnBlock:
         q = a.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, H, T, d)
         k = a.k_proj(x).view(B, T, a.n_kv, a.head_dim).transpose(1, 2)  # (B, KV, T, d)
         v = a.v_proj(x).view(B, T, a.n_kv, a.head_dim).transpose(1, 2)  # (B, KV, T, d)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = _rotate(q, rope.q_cos, rope.q_sin)  # pre-scaled by 1/sqrt(d)
+        k = _rotate(k, rope.cos, rope.sin)
         self.kc[:, :, :T].copy_(k)
         self.vc[:, :, :T].copy_(v)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=a.n_kv != a.n_heads)  # (B, H, T, d)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0,
+                                           enable_gqa=a.n_kv != a.n_heads)  # (B, H, T, d)
         return h + a.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
 
-    def decode(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-               bias: torch.Tensor) -> torch.Tensor:
-        """One step: h (B, 1, C), cos/sin (B, 1, 1, d), pos (1,) the slot written, bias (L,) 0 for
+    def decode(self, h: torch.Tensor, rope: Rope, pos: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """One step: h (B, 1, C), rope tables (B, 1, 1, d), pos (1,) the slot written, bias (L,) 0 for
         slots <= pos and -inf after; attends to cache slots 0..L-1."""
-        x = self.norm(h)
+        x = _rms_norm(self.norm, h)
         if not self.gqa:
             return h + self.attn.linear_attn(x)
         a = self.attn
         B = x.shape[0]
-        G, L = a.n_heads_in_group, bias.shape[0]
-        q = a.q_proj(x).view(B, a.n_kv, G, a.head_dim)  # (B, KV, G, d): query head i uses kv head i // G
-        k = a.k_proj(x).view(B, a.n_kv, 1, a.head_dim)  # (B, KV, 1, d)
-        v = a.v_proj(x).view(B, a.n_kv, 1, a.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        G, L, KV, d = a.n_heads_in_group, bias.shape[0], a.n_kv, a.head_dim
+        q = a.q_proj(x).view(B, KV, G, d)  # (B, KV, G, d): query head i uses kv head i // G
+        k = a.k_proj(x).view(B, KV, 1, d)  # (B, KV, 1, d)
+        v = a.v_proj(x).view(B, KV, 1, d)
+        q = _rotate(q, rope.q_cos, rope.q_sin)
+        k = _rotate(k, rope.cos, rope.sin)
         self.kc.index_copy_(2, pos, k)
         self.vc.index_copy_(2, pos, v)
-        s = torch.matmul(q, self.kc[:, :, :L].transpose(-1, -2))  # (B, KV, G, L)
-        p = torch.softmax(s.float() * self.scale + bias, dim=-1).to(v.dtype)  # fp32 softmax, as SDPA
-        y = torch.matmul(p, self.vc[:, :, :L])  # (B, KV, G, d)
-        return h + a.o_proj(y.reshape(B, 1, a.n_heads * a.head_dim))
+        keys = self.kc[:, :, :L].reshape(B * KV, L, d)  # a view: (B, KV) merge without a copy
+        vals = self.vc[:, :, :L].reshape(B * KV, L, d)
+        s = torch.baddbmm(bias.expand(B * KV, G, L), q.reshape(B * KV, G, d), keys.transpose(1, 2))  # (B*KV, G, L)
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)  # fp32 softmax, as Llama's eager attention
+        y = torch.bmm(p, vals)  # (B*KV, G, d)
+        return h + a.o_proj(y.reshape(B, 1, a.n_heads * d))
 
 
 class FFNBlock:
@@ -135,7 +171,7 @@ class FFNBlock:
         self.norm, self.mlp = norm, mlp
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.mlp(self.norm(h))
+        return h + self.mlp(_rms_norm(self.norm, h))
 
 
 class NonBlock:
@@ -147,25 +183,22 @@ class NonBlock:
         self.inv_freq = inv_freq.to(embed.weight.device)
         self.dtype = embed.weight.dtype
 
-    def prefill_in(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ids (B, T) -> h (B, T, C), cos, sin (B, 1, T, d)."""
+    def prefill_in(self, ids: torch.Tensor) -> tuple[torch.Tensor, Rope]:
+        """ids (B, T) -> h (B, T, C), rope tables (B, 1, T, d)."""
         B, T = ids.shape
         pos = torch.arange(T, device=ids.device).expand(B, T)
-        cos, sin = rope_cos_sin(self.inv_freq, pos, self.dtype)
-        return self.embed(ids), cos, sin
+        return self.embed(ids), rope_tables(self.inv_freq, pos, self.dtype)
 
     def decode_in(self, tok: torch.Tensor, pos: torch.Tensor, attended: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """tok (B, 1), pos (1,) -> h (B, 1, C), cos, sin (B, 1, 1, d), bias (attended,)."""
+                  ) -> tuple[torch.Tensor, Rope, torch.Tensor]:
+        """tok (B, 1), pos (1,) -> h (B, 1, C), rope tables (B, 1, 1, d), bias (attended,)."""
         B = tok.shape[0]
-        cos, sin = rope_cos_sin(self.inv_freq, pos.expand(B, 1), self.dtype)
-        slots = torch.arange(attended, device=tok.device)
-        bias = torch.zeros(attended, device=tok.device).masked_fill(slots > pos, float("-inf"))  # (L,)
-        return self.embed(tok), cos, sin, bias
+        rope = rope_tables(self.inv_freq, pos.expand(B, 1), self.dtype)
+        return self.embed(tok), rope, decode_bias(pos, attended, self.dtype)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h (B, T, C) -> logits of the last position (B, V)."""
-        return self.lm_head(self.norm(h[:, -1]))
+        return self.lm_head(_rms_norm(self.norm, h[:, -1]))
 
     def out(self, h: torch.Tensor, tok: torch.Tensor) -> None:
         """Greedy next token of the last position into ``tok`` (B, 1), in place (static for graphs)."""
@@ -201,8 +234,15 @@ class Graphed:
             if before_capture is not None:
                 before_capture()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
-                fn()
+            # A graph freed by the cyclic GC in the middle of a capture (an old engine's, say) resets
+            # itself, which CUDA forbids while capturing and which invalidates this capture.
+            gc.collect()
+            gc.disable()
+            try:
+                with torch.cuda.graph(self.graph, pool=pool):
+                    fn()
+            finally:
+                gc.enable()
 
     def __call__(self) -> None:
         if self.graph is not None:
@@ -236,22 +276,30 @@ class InferenceEngine:
     def kv_bytes(self) -> int:
         return sum(a.kv_bytes() for a, _ in self.layers if a is not None)
 
+    def close(self) -> None:
+        """Drop the graphs and caches now (they hold GPU memory and reference this engine)."""
+        self._prefill = None
+        self._decode.clear()
+        self.layers = []
+        if self.use_graphs:
+            torch.cuda.synchronize(self.device)
+
     # the graphed bodies -----------------------------------------------------------------------------
     def _prefill_body(self) -> None:
-        h, cos, sin = self.nb.prefill_in(self.ids)  # (B, T, C)
+        h, rope = self.nb.prefill_in(self.ids)  # (B, T, C)
         for a, f in self.layers:
             if a is not None:
-                h = a.prefill(h, cos, sin)
+                h = a.prefill(h, rope)
             if f is not None:
                 h = f(h)
         self.nb.out(h, self.tok)
         self.pos.fill_(self.ids.shape[1])
 
     def _decode_body(self, attended: int) -> None:
-        h, cos, sin, bias = self.nb.decode_in(self.tok, self.pos, attended)  # (B, 1, C)
+        h, rope, bias = self.nb.decode_in(self.tok, self.pos, attended)  # (B, 1, C)
         for a, f in self.layers:
             if a is not None:
-                h = a.decode(h, cos, sin, self.pos, bias)
+                h = a.decode(h, rope, self.pos, bias)
             if f is not None:
                 h = f(h)
         self.nb.out(h, self.tok)

@@ -147,7 +147,7 @@ class ScenarioProfile:
 
 def load_scenario_profile(store: Store, scenario: str) -> ScenarioProfile:
     """Read every ``profile/<scenario>/*.json`` of a run's store."""
-    keys = [k for k in store.list(f"profile/{scenario}/") if k.endswith(".json")]
+    keys = [k for k in store.list(f"profile/{scenario}") if k.endswith(".json")]
     if not keys:
         raise ProfileError(f"scenario {scenario!r}: no profiles under profile/{scenario}/; run the profile step first")
     return ScenarioProfile([store.get_json(k) for k in sorted(keys)])

@@ -1,0 +1,185 @@
+"""Measured throughput of a whole model on a scenario: the ground truth the throughput model predicts.
+
+``measure_throughput(model, scenario)`` runs greedy generation of a batch of random prompts through
+``puzzle.profiling.engine.InferenceEngine`` (per-block static KV cache, CUDA graphs on GPU, one graph
+per 64-slot attended-length bucket, all captured before timing) and times the prefill and the decode
+loop separately (CUDA events on GPU, wall clock on CPU), the median over ``repeats`` generations::
+
+    tokens/s = batch * output_len / (prefill_s + decode_s)
+
+It is what ``puzzle bench throughput`` prints and what evaluation reports as measured throughput.
+
+Optional vLLM backend: where vLLM is installed (a cluster image may have it),
+``measure_throughput_vllm(model_dir, scenario)`` serves the same directory with vLLM's offline
+``LLM`` engine (nemotron-nas loads natively; ``replace_with_linear`` blocks do not) and times
+``generate`` with ``ignore_eos`` and ``max_tokens=output_len``. It is a cross-check of the torch
+numbers, not what the profiles measure; tests skip it here because vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from puzzle.config import Scenario
+from puzzle.model import DeciLMForCausalLM, load_parent, model_counts
+from puzzle.profiling.engine import InferenceEngine, decode_contexts
+from puzzle.profiling.profiler import device_name, target_device
+from puzzle.profiling.timing import summarize, synchronize
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DeviceAbsentError(RuntimeError):
+    """The scenario's device is not present on this machine, so nothing can be measured."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One model's measured generation on one scenario (medians over ``repeats`` generations)."""
+
+    tokens_per_s: float
+    prefill_s: float
+    decode_s: float
+    decode_step_s: float  # decode_s / number of decode steps
+    memory_bytes: int  # weights + KV cache at batch x (input_len + output_len), exact
+    weight_bytes: int
+    kv_bytes: int
+    device: str
+    torch_version: str
+    repeats: int
+    cuda_graphs: bool
+    total_spread: dict[str, float]
+    scenario: dict[str, Any]
+    backend: str = "torch"
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_s"] = self.total_s
+        return d
+
+
+def _prepare(model: DeciLMForCausalLM | str | Path, scenario: Scenario, device: torch.device) -> DeciLMForCausalLM:
+    dtype = _DTYPES[scenario.dtype]
+    if isinstance(model, (str, Path)):
+        return load_parent(model, dtype=dtype, device=device)
+    p = next(model.parameters())
+    if p.device != device or p.dtype != dtype:
+        # The caller's model stays as it is: evaluation keeps using it on its own device and dtype.
+        import copy
+
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        if model.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+@torch.no_grad()
+def measure_throughput(model: DeciLMForCausalLM | str | Path, scenario: Scenario, warmup: int = 1,
+                       repeats: int = 3, cuda_graphs: bool = True, seed: int = 0) -> Measurement:
+    """Measure greedy generation of ``scenario`` (batch x input_len prompts, output_len new tokens).
+
+    ``model``: a loaded model (copied to the scenario's device and dtype when it differs) or a model
+    directory (Llama-layout parent or nemotron-nas child). Raises DeviceAbsentError when the
+    scenario's device is not here.
+    """
+    device = target_device(scenario)
+    if device is None:
+        raise DeviceAbsentError(f"scenario {scenario.name!r}: device {scenario.device!r} is not present on this machine")
+    if repeats < 1:
+        raise ValueError(f"repeats: {repeats} is not allowed; must be >= 1")
+    m = _prepare(model, scenario, device)
+    B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, m.config.vocab_size, (B, T), generator=gen).to(device)
+    eng = InferenceEngine(m, B, T + O, cuda_graphs=cuda_graphs)
+    eng.set_prompt(ids)
+    eng.capture(T, O)
+    contexts = decode_contexts(T, O)
+
+    def once() -> tuple[float, float]:
+        if device.type == "cuda":
+            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            e0.record()
+            eng.prefill()
+            e1.record()
+            for c in contexts:
+                eng.decode(c)
+            e2.record()
+            e2.synchronize()
+            return e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
+        t0 = time.perf_counter()
+        eng.prefill()
+        t1 = time.perf_counter()
+        for c in contexts:
+            eng.decode(c)
+        return t1 - t0, time.perf_counter() - t1
+
+    try:
+        for _ in range(max(warmup, 0)):
+            once()
+        synchronize(device)
+        runs = [once() for _ in range(repeats)]
+    finally:
+        eng.close()
+    totals = [p + d for p, d in runs]
+    mid = sorted(range(repeats), key=lambda i: totals[i])[repeats // 2]  # the median generation
+    prefill_s, decode_s = runs[mid]
+    counts = model_counts(m.config)
+    weight = counts.weight_bytes(scenario.dtype)
+    kv = counts.kv_cache_bytes(B, T + O, scenario.dtype)
+    spread = summarize(totals).to_dict()
+    return Measurement(
+        tokens_per_s=B * O / (prefill_s + decode_s),
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        decode_step_s=decode_s / max(len(contexts), 1),
+        memory_bytes=weight + kv,
+        weight_bytes=weight,
+        kv_bytes=kv,
+        device=device_name(device),
+        torch_version=torch.__version__,
+        repeats=repeats,
+        cuda_graphs=eng.use_graphs,
+        total_spread={k: float(v) for k, v in spread.items()},
+        scenario=scenario.model_dump(mode="json"),
+    )
+
+
+def measure_throughput_vllm(model_dir: str | Path, scenario: Scenario, repeats: int = 3, seed: int = 0) -> Measurement:
+    """The same scenario served by vLLM (optional backend; needs ``pip install vllm`` and a GPU)."""
+    try:
+        from vllm import LLM, SamplingParams  # optional dependency, present only in some images
+        from vllm.inputs import TokensPrompt
+    except ImportError as err:
+        raise RuntimeError(f"the vllm backend needs vLLM installed ({err}); use the default torch backend") from None
+    B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
+    llm = LLM(model=str(model_dir), dtype=scenario.dtype, max_model_len=T + O, seed=seed,
+              trust_remote_code=False, max_num_seqs=B)
+    vocab = llm.get_tokenizer().vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [TokensPrompt(prompt_token_ids=torch.randint(0, vocab, (T,), generator=gen).tolist()) for _ in range(B)]
+    params = SamplingParams(max_tokens=O, min_tokens=O, ignore_eos=True, temperature=0.0)
+    llm.generate(prompts, params, use_tqdm=False)  # warm-up
+    totals = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        totals.append(time.perf_counter() - t0)
+    total = statistics.median(totals)
+    return Measurement(
+        tokens_per_s=B * O / total, prefill_s=float("nan"), decode_s=float("nan"), decode_step_s=float("nan"),
+        memory_bytes=0, weight_bytes=0, kv_bytes=0, device=device_name(torch.device("cuda")),
+        torch_version=torch.__version__, repeats=repeats, cuda_graphs=True,
+        total_spread={k: float(v) for k, v in summarize(totals).to_dict().items()},
+        scenario=scenario.model_dump(mode="json"), backend="vllm",
+    )

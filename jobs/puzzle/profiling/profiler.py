@@ -1,0 +1,313 @@
+"""Profile one block variant (or the non-block parts) on one scenario: what a ``profile`` unit does.
+
+Measured on the scenario's device when it is present (GPU: CUDA events around CUDA-graph replays;
+CPU: wall clock), with the exact blocks of ``puzzle.profiling.engine`` that a whole-model measurement
+runs, so per-variant costs add up to the model:
+
+- prefill: the batch at input_len through the block (GQA fills its KV cache);
+- decode: one step of the batch at ``decode_points`` contexts spread over the generation; a GQA step's
+  time is fitted as ``a + b * attended_length`` and summed over every step of the generation;
+- weights and KV cache bytes exactly from ``puzzle.model.counts``.
+
+The block is timed as a stack of ``replicas`` copies with their own weights and caches, so that the
+working set is as large as in the whole model (a lone block would be served from the GPU's L2 or the
+CPU's caches and look faster than it is in the model). ``no_op`` costs exactly zero and is not timed.
+When the target device is absent (scenario device ``cuda`` on a CPU-only machine) the record is the
+roofline estimate of ``puzzle.profiling.roofline``, with ``"estimate": true``.
+"""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import torch
+from torch import nn
+
+from puzzle.config import ProfileConfig, Scenario
+from puzzle.model import (
+    AttentionVariant,
+    FFNVariant,
+    ModelConfig,
+    attention_counts,
+    build_attention,
+    build_ffn,
+    ffn_counts,
+    non_block_counts,
+    variant_from_name,
+)
+from puzzle.model.counts import Counts
+from puzzle.model.modeling import RMSNorm, rope_inv_freq
+from puzzle.profiling.engine import (
+    AttnBlock,
+    FFNBlock,
+    Graphed,
+    NonBlock,
+    attended_length,
+    decode_bucket,
+    decode_bias,
+    decode_contexts,
+    rope_tables,
+)
+from puzzle.profiling.roofline import estimate_costs
+from puzzle.profiling.timing import time_callable
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Replicas stop when their weights and caches exceed this (bytes), or at the parent's layer count.
+_REPLICA_BYTES = 2 * 2**30
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def target_device(scenario: Scenario) -> torch.device | None:
+    """The device a scenario is measured on, or None when it is absent here (then: estimate)."""
+    dev = torch.device(scenario.device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return None
+        return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if dev.type != "cpu":
+        raise ValueError(f"scenario {scenario.name!r} device: {scenario.device!r} is not allowed; use 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
+def decode_points(input_len: int, output_len: int, points: int) -> list[int]:
+    """``points`` contexts evenly spread over the generation's decode steps (fewer if there are fewer steps)."""
+    ctx = decode_contexts(input_len, output_len)
+    n = len(ctx)
+    if n == 0:
+        return []
+    if n <= points:
+        return list(ctx)
+    return sorted({ctx[round(i * (n - 1) / (points - 1))] for i in range(points)})
+
+
+def fit_decode(points: list[tuple[int, float]], linear: bool) -> tuple[float, float]:
+    """(a, b) of step seconds = a + b * attended_length, least squares; b = 0 unless ``linear``."""
+    if not points:
+        return 0.0, 0.0
+    ys = [t for _, t in points]
+    xs = [float(x) for x, _ in points]
+    if not linear or len(set(xs)) < 2:
+        return sum(ys) / len(ys), 0.0
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def generation_decode_s(a: float, b: float, input_len: int, output_len: int, max_len: int, bucket: int) -> float:
+    """Sum of a + b * attended_length over every decode step of one generation."""
+    ctx = decode_contexts(input_len, output_len)
+    return a * len(ctx) + b * sum(attended_length(c, max_len, bucket) for c in ctx)
+
+
+def _counts(kind: str, variant: Any, cfg: ModelConfig) -> Counts:
+    if kind == "attention":
+        return attention_counts(variant, cfg)
+    if kind == "ffn":
+        return ffn_counts(variant, cfg)
+    return non_block_counts(cfg)
+
+
+def _init_(module: nn.Module) -> nn.Module:
+    # Random weights at a Llama-like scale: timings do not depend on values, but overflow would be noisy.
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight") or isinstance(module, RMSNorm):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    return module
+
+
+def _make(factory, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    with torch.device("meta"):
+        m = factory()
+    m = m.to_empty(device=device).to(dtype)
+    return _init_(m).eval()
+
+
+def _record_base(kind: str, name: str, cfg: ModelConfig, scenario: Scenario, counts: Counts) -> dict[str, Any]:
+    B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
+    weight = counts.weight_bytes(scenario.dtype)
+    kv = counts.kv_cache_bytes(B, T + O, scenario.dtype)
+    return {
+        "scenario": scenario.model_dump(mode="json"),
+        "kind": kind,
+        "variant": name,
+        "model": {"hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
+                  "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "num_hidden_layers": cfg.num_hidden_layers},
+        "torch_version": torch.__version__,
+        "weight_bytes": weight,
+        "kv_bytes": kv,
+        "memory_bytes": weight + kv,
+        "params": counts.params,
+        "decode_steps": len(decode_contexts(T, O)),
+    }
+
+
+def parse_variant(kind: str, name: str, cfg: ModelConfig) -> AttentionVariant | FFNVariant | None:
+    """The variant object of a unit (None for non_block); ValueError names what is wrong."""
+    if kind == "non_block":
+        if name != "non_block":
+            raise ValueError(f"variant: {name!r} is not allowed for kind 'non_block'; use 'non_block'")
+        return None
+    if kind not in ("attention", "ffn"):
+        raise ValueError(f"kind: {kind!r} is not allowed; allowed: 'attention', 'ffn', 'non_block'")
+    prefix = "attn_" if kind == "attention" else "ffn_"
+    if not name.startswith(prefix):
+        raise ValueError(f"variant: {name!r} is not a {kind} variant (names start with {prefix!r})")
+    v = variant_from_name(name, cfg.hidden_size)
+    if isinstance(v, AttentionVariant) and v.kind == "gqa" and cfg.num_attention_heads % v.n_heads_in_group:
+        raise ValueError(
+            f"variant: {name!r}: n_heads_in_group {v.n_heads_in_group} does not divide the parent's "
+            f"num_attention_heads={cfg.num_attention_heads}"
+        )
+    return v
+
+
+def profile_unit(cfg: ModelConfig, kind: str, name: str, scenario: Scenario, settings: ProfileConfig,
+                 seed: int = 0) -> dict[str, Any]:
+    """The profile record of one (variant, scenario): measured where the device is present, else estimated."""
+    variant = parse_variant(kind, name, cfg)
+    counts = _counts(kind, variant, cfg)
+    rec = _record_base(kind, name, cfg, scenario, counts)
+    B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
+    device = target_device(scenario)
+    bucket = decode_bucket(scenario.device)
+    pts = decode_points(T, O, settings.decode_points)
+    is_noop = variant is not None and variant.no_op
+    if is_noop:
+        rec.update({"device": device_name(device) if device is not None else "none", "estimate": False,
+                    "method": {"kind": "identity: a no_op sub-block runs no kernels"},
+                    "prefill_s": 0.0, "prefill": None,
+                    "decode_points": [{"context": c, "attended": attended_length(c, T + O, bucket), "step_s": 0.0}
+                                      for c in pts],
+                    "decode_fit": {"intercept_s": 0.0, "per_attended_slot_s": 0.0},
+                    "decode_s": 0.0, "decode_step_s": 0.0})
+        return rec
+    if device is None:
+        est = estimate_costs(kind, variant, cfg, B, T, O, scenario.dtype, scenario.device,
+                             settings.estimate_peak_tflops, settings.estimate_bandwidth_gbps)
+        dp = [{"context": c, "attended": attended_length(c, T + O, bucket), "step_s": est["step"](c)} for c in pts]
+        rec.update({"device": f"estimate for {scenario.device} (absent here)", "estimate": True,
+                    "method": {"kind": "roofline", "peak_tflops": settings.estimate_peak_tflops,
+                               "bandwidth_gbps": settings.estimate_bandwidth_gbps},
+                    "prefill_s": est["prefill_s"], "prefill": None, "decode_points": dp,
+                    "decode_fit": None, "decode_s": est["decode_s"], "decode_step_s": est["decode_s"] / O,
+                    "prefill_flops": est["prefill_flops"]})
+        return rec
+    measured = measure_unit(cfg, kind, variant, scenario, settings, device, pts, seed)
+    a, b = fit_decode([(p["attended"], p["step_s"]) for p in measured["decode_points"]],
+                      linear=kind == "attention" and counts.kv_heads > 0)
+    decode_s = generation_decode_s(a, b, T, O, T + O, bucket)
+    rec.update({"device": device_name(device), "estimate": False, "method": measured["method"],
+                "prefill_s": measured["prefill"]["median_s"], "prefill": measured["prefill"],
+                "decode_points": measured["decode_points"],
+                "decode_fit": {"intercept_s": a, "per_attended_slot_s": b},
+                "decode_s": decode_s, "decode_step_s": decode_s / O})
+    return rec
+
+
+@torch.no_grad()
+def measure_unit(cfg: ModelConfig, kind: str, variant: Any, scenario: Scenario, settings: ProfileConfig,
+                 device: torch.device, points: list[int], seed: int = 0) -> dict[str, Any]:
+    """Time prefill and the decode steps at ``points`` of one variant on ``device``."""
+    torch.manual_seed(seed)
+    dtype = _DTYPES[scenario.dtype]
+    B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
+    max_len = T + O
+    C = cfg.hidden_size
+    bucket = decode_bucket(device)
+    inv_freq = rope_inv_freq(cfg)
+    counts = _counts(kind, variant, cfg)
+    if kind == "non_block":
+        replicas = 1  # once per model, and the embedding/head tables are large already
+    else:
+        per = counts.weight_bytes(scenario.dtype) + counts.kv_cache_bytes(B, max_len, scenario.dtype)
+        replicas = max(1, min(cfg.num_hidden_layers, _REPLICA_BYTES // max(per, 1)))
+    use_graphs = settings.cuda_graphs and device.type == "cuda"
+    pool = None  # each graph its own pool: it is dropped after timing, which a shared pool does not allow
+
+    def norm() -> RMSNorm:
+        return _make(lambda: RMSNorm(C, cfg.rms_norm_eps), device, dtype)
+
+    if kind == "attention":
+        blocks = [AttnBlock(norm(), _make(lambda: build_attention(variant, cfg), device, dtype), B, max_len)
+                  for _ in range(replicas)]
+    elif kind == "ffn":
+        blocks = [FFNBlock(norm(), _make(lambda: build_ffn(variant, cfg), device, dtype)) for _ in range(replicas)]
+    else:
+        emb = _make(lambda: nn.Embedding(cfg.vocab_size, C), device, dtype)
+        if cfg.tie_word_embeddings:
+            head = nn.Linear(C, cfg.vocab_size, bias=False, device="meta")
+            head.weight = emb.weight
+        else:
+            head = _make(lambda: nn.Linear(C, cfg.vocab_size, bias=False), device, dtype)
+        nb = NonBlock(emb, norm(), head, inv_freq)
+
+    # Inputs the non-block parts would hand over (their cost is the non_block unit's, not timed here).
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    tok = ids[:, -1:].clone()
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    h_pre = torch.randn(B, T, C, device=device, dtype=dtype)
+    h_dec = torch.randn(B, 1, C, device=device, dtype=dtype)
+    inv_freq = inv_freq.to(device)
+    rope = rope_tables(inv_freq, torch.arange(T, device=device).expand(B, T), dtype)  # (B, 1, T, d) each
+
+    if kind == "attention":
+        def prefill() -> None:
+            for blk in blocks:
+                blk.prefill(h_pre, rope)
+    elif kind == "ffn":
+        def prefill() -> None:
+            for blk in blocks:
+                blk(h_pre)
+    else:
+        def prefill() -> None:
+            h, _ = nb.prefill_in(ids)
+            nb.out(h, tok)
+
+    g = Graphed(prefill, device, use_graphs, pool)
+    pre = time_callable(g, device, settings.warmup, settings.repeats)
+    pre_s = pre.median_s / replicas
+    del g
+
+    dpoints = []
+    for c in points:
+        L = attended_length(c, max_len, bucket)
+        pos.fill_(c)
+        drope = rope_tables(inv_freq, pos.expand(B, 1), dtype)  # (B, 1, 1, d) each
+        bias = decode_bias(pos, L, dtype)  # (L,)
+        if kind == "attention":
+            def step(drope=drope, bias=bias) -> None:
+                for blk in blocks:
+                    blk.decode(h_dec, drope, pos, bias)
+        elif kind == "ffn":
+            def step() -> None:
+                for blk in blocks:
+                    blk(h_dec)
+        else:
+            def step(L=L) -> None:
+                h, _, _ = nb.decode_in(tok, pos, L)
+                nb.out(h, tok)
+        g = Graphed(step, device, use_graphs, pool)
+        t = time_callable(g, device, settings.warmup, settings.repeats)
+        del g
+        dpoints.append({"context": c, "attended": L, "step_s": t.median_s / replicas,
+                        "spread": {k: v / replicas if k.endswith("_s") else v for k, v in t.to_dict().items()}})
+    return {
+        "prefill": {k: v / replicas if k.endswith("_s") else v for k, v in pre.to_dict().items()},
+        "decode_points": dpoints,
+        "method": {"kind": "cuda_events" if device.type == "cuda" else "wall_clock",
+                   "cuda_graphs": use_graphs, "warmup": settings.warmup, "repeats": settings.repeats,
+                   "statistic": "median", "replicas": replicas, "decode_bucket": bucket,
+                   "threads": torch.get_num_threads()},
+    }
+

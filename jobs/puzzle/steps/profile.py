@@ -1,0 +1,69 @@
+"""The ``profile`` step: one unit per (scenario, variant), plus one ``non_block`` unit per scenario.
+
+Unit (written by prepare): ``{"id": "<scenario>.<variant>", "scenario": NAME, "kind": "attention" |
+"ffn" | "non_block", "variant": NAME}``. The unit measures the variant on the scenario's device with
+``puzzle.profiling.profiler.profile_unit`` (prefill, decode steps across the output range, exact weight
+and KV-cache bytes) and writes ``profile/<scenario>/<variant>.json``; when the scenario's device is
+absent here it writes the roofline estimate instead, marked ``"estimate": true``. Only the parent's
+config.json is read: variants are timed with random weights of the right shapes, since time does not
+depend on the values.
+
+Run one unit by hand::
+
+    puzzle step profile --run file://./runs/tiny-... --unit '{"id": "cpu-b8.attn_g4", "scenario": "cpu-b8",
+        "kind": "attention", "variant": "attn_g4"}'
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from puzzle.context import StepContext, UnitError
+from puzzle.model import ModelConfig
+from puzzle.model.io import ModelLoadError, parent_model_config
+from puzzle.model.variants import BlockConfigError
+from puzzle.profiling.profiler import parse_variant, profile_unit
+
+log = logging.getLogger(__name__)
+
+
+def profile_key(scenario: str, variant: str) -> str:
+    return f"profile/{scenario}/{variant}.json"
+
+
+def _parent_config(ctx: StepContext) -> ModelConfig:
+    path = ctx.parent_dir() / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if raw.get("model_type") == "nemotron-nas":
+            return ModelConfig.from_json_file(path)
+        return parent_model_config(raw, str(path))
+    except (OSError, json.JSONDecodeError, ModelLoadError, BlockConfigError) as err:
+        raise UnitError(f"parent.uri: cannot read the parent's config.json ({err})") from None
+
+
+def run(ctx: StepContext) -> None:
+    unit = ctx.unit
+    for field in ("scenario", "kind", "variant"):
+        if not isinstance(unit.get(field), str):
+            raise UnitError(f"unit {unit.get('id')!r}: field {field!r} is missing or not a string (got {unit.get(field)!r})")
+    scenarios = {s.name: s for s in ctx.config.profile.scenarios}
+    scenario = scenarios.get(unit["scenario"])
+    if scenario is None:
+        raise UnitError(f"unit {unit['id']!r}: scenario {unit['scenario']!r} is not in profile.scenarios; "
+                        f"allowed: {sorted(scenarios)}")
+    cfg = _parent_config(ctx)
+    try:
+        parse_variant(unit["kind"], unit["variant"], cfg)
+    except ValueError as err:
+        raise UnitError(f"unit {unit['id']!r}: {err}") from None
+    rec = profile_unit(cfg, unit["kind"], unit["variant"], scenario, ctx.config.profile, seed=ctx.config.seed)
+    ctx.store.put_json(profile_key(scenario.name, unit["variant"]), rec)
+    labels = {"scenario": scenario.name, "variant": unit["variant"], "estimate": str(rec["estimate"]).lower()}
+    ctx.metrics.set("profile_prefill_seconds", rec["prefill_s"],
+                    help="Prefill of the scenario's batch through one block of this variant", **labels)
+    ctx.metrics.set("profile_decode_seconds", rec["decode_s"],
+                    help="All decode steps of one generation through one block of this variant", **labels)
+    log.info("profile %s/%s: prefill %.3g s, decode %.3g s (%s)", scenario.name, unit["variant"],
+             rec["prefill_s"], rec["decode_s"], "estimate" if rec["estimate"] else rec["device"])
