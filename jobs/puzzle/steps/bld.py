@@ -185,6 +185,9 @@ def parent_pass(parent: DeciLMForCausalLM, ids: torch.Tensor, unit: BLDUnit, kin
         cos, sin, mask = parent.attention_inputs(h)
         for i, layer in enumerate(parent.model.layers[: unit.end]):
             a = layer.attn_sublayer(h, cos, sin, mask)  # (B, T, C)
+            if kind == "attention" and i == unit.end - 1:
+                out[i] = _Targets(h, a)  # the last FFN's output is nobody's input or target
+                break
             f = layer.ffn_sublayer(a)  # (B, T, C)
             if i >= unit.start:
                 if kind == "attention":
