@@ -49,6 +49,10 @@ def new_run_id(name: str) -> str:
 
 
 def run_id_of(run_uri: str) -> str:
+    path = run_uri.split("://", 1)[-1]
+    if ".." in path.split("/"):
+        # the library lives beside the run (its parent folder): a '..' would move both elsewhere
+        raise ConfigError(f"run URI {run_uri!r}: '..' path segments are not allowed")
     run_id = run_uri.rstrip("/").rsplit("/", 1)[-1]
     if not RUN_ID_RE.match(run_id):
         raise ConfigError(
@@ -155,7 +159,8 @@ def run_step(
     run_id = run_id_of(run_uri)
     store = open_store(run_uri, store_config)
     config = load_run_config(store, run_uri)
-    if store_config is None and (config.store.endpoint_url or config.store.region):
+    if store_config is None and run_uri.startswith("s3://"):
+        # the run's own store settings (endpoint, region, retry/backoff, multipart) apply to its units
         store = open_store(run_uri, config.store)
     key = done_key(step, str(unit["id"]))
     module = importlib.import_module(f"puzzle.steps.{step}")

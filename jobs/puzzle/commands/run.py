@@ -22,6 +22,8 @@ def register(sub) -> None:
                    help="worker processes (default: one per GPU, else 2 on CPU)")
     p.add_argument("--run-id", default=None, help="use this run id instead of a fresh one")
     p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan only")
+    p.add_argument("--steps", default=None, metavar="NAMES",
+                   help="run only these steps, comma-separated (e.g. prepare,bld); later ones stay pending")
     p.set_defaults(func=_main)
 
 
@@ -31,6 +33,16 @@ def _main(args) -> int:
     if bool(args.config) == bool(args.resume):
         print("error: give a CONFIG file or --resume RUN_URI (one of them)", file=sys.stderr)
         return 2
+    steps = None
+    if args.steps is not None:
+        from puzzle.context import STEP_NAMES
+
+        steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+        bad = [s for s in steps if s not in STEP_NAMES]
+        if bad or not steps:
+            print(f"error: --steps: {args.steps!r} is not allowed; allowed: a comma-separated subset of "
+                  f"{', '.join(STEP_NAMES)}", file=sys.stderr)
+            return 2
     if args.config:
         config = load_config(args.config)
         print(describe(config), file=sys.stderr)
@@ -41,7 +53,7 @@ def _main(args) -> int:
         run_uri = args.resume
     print(f"run: {run_uri}", file=sys.stderr)
     try:
-        run_pipeline(run_uri, workers=args.workers)
+        run_pipeline(run_uri, workers=args.workers, steps=steps)
     except UnitFailure as err:
         print(f"error: {err}\nresume with: puzzle run --resume {run_uri}", file=sys.stderr)
         return 1

@@ -15,6 +15,33 @@ from puzzle.config import ConfigError
 from puzzle.context import STEP_NAMES, UnitError, parse_unit, run_step
 from puzzle.store import InvalidKeyError, StoreError
 
+# Disk full, quota exceeded, or the file-size limit (RLIMIT_FSIZE) reached: retrying on the same
+# node fails the same way, so the message says what to give the pod.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# torch's CPU allocator reports exhausted memory as a RuntimeError with this text, not MemoryError
+_CPU_OOM = "DefaultCPUAllocator: can't allocate memory"
+# the config field that sets each step's memory-hungry batch
+_BATCH_FIELD = {"bld": "bld.batch_size", "score": "score.batch_size", "assemble": "assemble.gkd.batch_size",
+                "profile": "profile.scenarios[].batch_size", "evaluate": "score.batch_size"}
+
+
+def _causes(err: BaseException):
+    """``err`` and the exceptions it was raised from (the store wraps OSErrors in StoreError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def _is_oom(err: BaseException) -> bool:
+    return any(isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+               or (isinstance(e, RuntimeError) and _CPU_OOM in str(e)) for e in _causes(err))
+
+
+def _no_space(err: BaseException) -> OSError | None:
+    return next((e for e in _causes(err) if isinstance(e, OSError) and e.errno in _NO_SPACE), None)
+
 log = logging.getLogger(__name__)
 
 
@@ -35,18 +62,24 @@ def _main(args) -> int:
     except UnitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from puzzle.model import ModelLoadError  # imports torch: only when a step really runs
+
     try:
         ran = run_step(args.name, args.run, unit, outputs_dir=args.outputs, force=args.force)
-    except (UnitError, ConfigError, InvalidKeyError) as err:
+    except (UnitError, ConfigError, InvalidKeyError, ModelLoadError) as err:
         print(f"error: step {args.name}, unit {unit['id']}: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # noqa: BLE001 - name the step and unit on every failure
-        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+    except Exception as err:
+        if _is_oom(err):
+            knob = _BATCH_FIELD.get(args.name, "the step's batch_size")
             print(f"error: step {args.name}, unit {unit['id']}: out of memory ({str(err)[:300]}); "
-                  "lower the step's batch_size in the config", file=sys.stderr)
+                  f"lower the step's batch_size in the config ({knob})", file=sys.stderr)
             return 1
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            print(f"error: step {args.name}, unit {unit['id']}: no space left on device ({err.filename or ''}); "
+        full = _no_space(err)
+        if full is not None:
+            where = str(err) if isinstance(err, StoreError) else (full.filename or "")
+            print(f"error: step {args.name}, unit {unit['id']}: no space left on device "
+                  f"({errno.errorcode.get(full.errno, full.errno)}: {where}); "
                   "free disk space or give the pod a larger scratch volume, then retry", file=sys.stderr)
             return 1
         if isinstance(err, StoreError):

@@ -16,7 +16,7 @@ from puzzle.config import ConfigError, PuzzleConfig
 from puzzle.context import StepContext
 from puzzle.data.shards import load_tokenizer, read_uri_bytes, sha256, tokenize_text, write_shards
 from puzzle.model import ModelConfig, ModelLoadError, expand_search_space
-from puzzle.model.io import parent_model_config
+from puzzle.model.io import _weight_files, parent_model_config
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ def read_parent_config(parent_dir: Path) -> ModelConfig:
         raise ConfigError(f"parent.uri: {str(parent_dir)!r} has no config.json (expected a Hugging Face model directory)")
     raw = json.loads(path.read_text(encoding="utf-8"))
     try:
+        # no weights, or pickle-only weights, are refused here, before any plan a later step would trust
+        _weight_files(parent_dir)
         if raw.get("model_type") == "nemotron-nas":
             return ModelConfig.from_json_file(path)
         return parent_model_config(raw, str(path))
