@@ -85,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['accuracy']:.3f} ({r['correct']}/{r['n']}; cov {r['mean_structure_coverage']:.2f})"
             )
         print(f"| {m} | " + " | ".join(cells) + " |")
+    # Diagnostic: a model that ignores its demonstrations answers the same under every method,
+    # and then no selection method can change its accuracy.
+    for d in a.datasets:
+        res = out["results"][d]
+        n = len(res[a.methods[0]]["records"])
+        same = sum(len({res[m]["records"][j]["prediction"] for m in a.methods}) == 1 for j in range(n))
+        out.setdefault("same_prediction_every_method", {})[d] = same
+        print(f"{d}: same prediction under every method for {same}/{n} queries")
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(out, indent=1))
