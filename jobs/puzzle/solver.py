@@ -400,7 +400,8 @@ class Solution:
 @dataclass(frozen=True)
 class Violation:
     """A constraint no child meets: ``best`` is the best quantity reachable under ``under`` (the
-    names of the other constraints honoured while finding it), ``best_user`` the same in user units."""
+    labels of the other constraints honoured while finding it), ``best_user`` the same in user
+    units; ``proven`` is False where CBC's time limit cut that search short."""
 
     constraint: Constraint
     best: float
@@ -411,8 +412,8 @@ class Violation:
     def message(self) -> str:
         c = self.constraint
         within = f"within {', '.join(self.under)}" if self.under else "with no other constraint"
-        word = "reaches" if self.proven else "reaches at least (time limit hit, not proven best)"
-        return f"{c.label} is infeasible; the best child {within} {word} {c.describe(self.best_user)}"
+        note = "" if self.proven else " (time limit hit: a better child may exist)"
+        return f"{c.label} is infeasible; the best child {within} reaches {c.describe(self.best_user)}{note}"
 
 
 @dataclass(frozen=True)
