@@ -143,6 +143,7 @@ def test_committed_parent_is_small_safetensors_and_solves_held_out_items(committ
     model = LlamaForCausalLM.from_pretrained(PARENT).eval()
     cfg = model.config
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (8, 4)
-    items = scan_task_examples(6, seed=11, part="valid")
-    r = evaluate_exact_match(hf_generate_fn(model, committed_tokenizer), items, batch_size=6)
-    assert r["correct"] > 0, r["errors"]
+    generate = hf_generate_fn(model, committed_tokenizer)
+    for part in ("valid", "test"):  # test: compose `around right`, never seen, from demonstrations
+        r = evaluate_exact_match(generate, scan_task_examples(6, seed=11, part=part), batch_size=6)
+        assert r["correct"] > 0, (part, r["errors"])

@@ -4,7 +4,9 @@ No model or corpus can be downloaded here, so the project generates its own text
 what the ICL benchmark later shows the model: k demonstrations (``source: ...`` / ``target: ...``
 in :mod:`puzzle.data.prompts` format, blank line between) and then a query with its target. Some
 demonstrations share a sub-phrase (a word bigram) with the query and are placed last, so the model
-learns to copy structure from its prompt, as Cover-LS style selection will ask of it.
+learns to copy structure from its prompt, as Cover-LS style selection will ask of it. In 30% of
+the train SCAN episodes the action names are permuted (Lake 2019's meta seq2seq episodes), so the
+model must read meanings from its demonstrations rather than only memorise them.
 
 Where the commands come from (this is what keeps evaluation honest):
 
@@ -18,7 +20,8 @@ Where the commands come from (this is what keeps evaluation honest):
 
 Filler: docstrings of the Python 3.11 standard library (read with ``ast``, never imported),
 licensed under the PSF License Agreement; they make perplexity about more than one task. They are
-pinned in ``examples/tiny/data/filler.txt`` because every Python build has slightly different ones. Documents in the written files are separated by ``DOCUMENT_SEPARATOR`` (two blank lines,
+pinned in ``examples/tiny/data/filler.txt`` because every Python build has slightly different
+ones. Documents in the written files are separated by ``DOCUMENT_SEPARATOR`` (two blank lines,
 which never occur inside a document).
 
 Run ``puzzle parent corpus --out examples/tiny/data`` to (re)write ``train.txt`` and ``valid.txt``.
@@ -52,6 +55,8 @@ MIN_DEMONSTRATIONS = 2
 MAX_DEMONSTRATIONS = 8
 # Share of documents that are filler rather than episodes (by count; filler documents are longer).
 FILLER_FRACTION = 0.12
+# Share of train SCAN episodes whose action names are permuted (see remapped_episode).
+REMAP_FRACTION = 0.3
 PARTS = ("train", "valid", "test")
 FILLER_PATH = Path(__file__).resolve().parents[3] / "examples" / "tiny" / "data" / "filler.txt"
 
@@ -299,18 +304,26 @@ def task_partitions(split: str = "template") -> list[TaskPartition]:
 
 
 def iter_documents(
-    seed: int, part: str = "train", split: str = "template", filler_fraction: float = FILLER_FRACTION
+    seed: int,
+    part: str = "train",
+    split: str = "template",
+    filler_fraction: float = FILLER_FRACTION,
+    remap_fraction: float = REMAP_FRACTION,
 ) -> Iterator[str]:
     """An endless, deterministic (in ``seed``) stream of documents for ``part`` 'train' or 'valid'.
 
     Train episodes draw queries and demonstrations from the train partition only; valid episodes
     draw queries from the held-out valid partition and demonstrations from train (as the task
     evaluation does). Filler comes from the disjoint train/valid halves of the docstrings.
+    A ``remap_fraction`` of train SCAN episodes has its actions renamed (:func:`remapped_episode`);
+    valid text keeps SCAN's own meanings.
     """
     if part not in ("train", "valid"):
         raise ValueError(f"part {part!r} is not allowed for training text; allowed: train, valid")
     if not 0 <= filler_fraction < 1:
         raise ValueError(f"filler_fraction: {filler_fraction} is not allowed; must be in [0, 1)")
+    if not 0 <= remap_fraction <= 1:
+        raise ValueError(f"remap_fraction: {remap_fraction} is not allowed; must be in [0, 1]")
     rng = random.Random(f"{seed}:{part}:{split}")
     tasks = task_partitions(split)
     samplers = [DemonstrationSampler(t.train) for t in tasks]
@@ -323,7 +336,42 @@ def iter_documents(
         # SCAN carries most of the weight: it is the task the whole project measures.
         t = 0 if len(tasks) == 1 or rng.random() < 0.75 else rng.randrange(1, len(tasks))
         q = queries[t][rng.randrange(len(queries[t]))]
-        yield format_episode(samplers[t].demonstrations(q.source, rng), q)
+        demos = samplers[t].demonstrations(q.source, rng)
+        if t == 0 and part == "train" and rng.random() < remap_fraction:
+            demos, q = remapped_episode(samplers[t], demos, q, rng)
+        yield format_episode(demos, q)
+
+
+def remapped_episode(
+    sampler: DemonstrationSampler, demos: list[Pair], query: Pair, rng: random.Random
+) -> tuple[list[Pair], Pair]:
+    """The episode with SCAN's actions renamed by a random permutation, consistently in every pair.
+
+    Lake (2019, meta seq2seq) showed that episodes whose primitive meanings change make a model
+    read them from its demonstrations instead of memorising one mapping: the skill the held-out
+    ``around right`` queries need. Left/right swap with probability 1/2, so ``around`` is learnt
+    for both turn actions while the *command* ``around right`` still never occurs. Every
+    primitive or direction word of the query is shown in some demonstration (one is added where
+    missing), so the renamed answer is always determined by the prompt.
+    """
+    actions = list(scan.ACTION.values())
+    renamed = dict(zip(actions, rng.sample(actions, len(actions)), strict=True))
+    turns = list(scan.TURN.values())
+    renamed.update(zip(turns, turns[::-1] if rng.random() < 0.5 else turns, strict=True))
+    shown = {w for d in demos for w in d.source.split()}
+    needed = [w for w in query.source.split() if w in (*scan.PRIMITIVES, *scan.DIRECTIONS) and w not in shown]
+    for w in dict.fromkeys(needed):
+        if w in shown:
+            continue
+        bucket = [i for i in sampler.index.get(w, ()) if sampler.pool[i].source != query.source]
+        extra = sampler.pool[rng.choice(bucket)]
+        shown |= set(extra.source.split())
+        demos = [extra, *demos]
+
+    def rename(p: Pair) -> Pair:
+        return Pair(p.source, " ".join(renamed[a] for a in p.target.split()))
+
+    return [rename(d) for d in demos], rename(query)
 
 
 def build_documents(seed: int, part: str, max_chars: int, split: str = "template") -> list[str]:
