@@ -205,7 +205,7 @@ def main() -> None:
     single = {}
     for sc in SCENARIOS:
         cons = [speedup_constraint(problem, sc.name, sc.output_len, args.speedup), memory_constraint(sc.name, args.memory_gib)]
-        sol, med, worst = timed(lambda: solve(problem, cons, options), args.repeats)
+        sol, med, worst = timed(lambda cons=cons: solve(problem, cons, options), args.repeats)
         single[sc.name] = row(f"solve {sc.name}: speedup>={args.speedup}, mem<={args.memory_gib:g}GiB", sol, med, worst)
     results["single_scenario"] = single
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from puzzle.config import Scenario, SolveConfig, ThroughputConstraint
 from puzzle.solver import (
     GIB,

@@ -33,6 +33,7 @@ artifact store is the solve step's job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -40,6 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+import cffi
 import mip
 
 from puzzle.config import ConfigError, Scenario, SolveConfig
@@ -465,22 +467,19 @@ def _cbc_node_count(model: mip.Model) -> int | None:
     that fails (another python-mip build)."""
     global _node_count_fn
     if _node_count_fn is None:
+        _node_count_fn = False
         try:
             from mip import cbc
 
-            try:
+            with contextlib.suppress(cffi.FFIError):  # declared already (a second import of this module)
                 cbc.ffi.cdef("int Cbc_getNodeCount(Cbc_Model *model);")
-            except Exception:  # already declared by an earlier import
-                pass
             _node_count_fn = cbc.cbclib.Cbc_getNodeCount
-        except Exception:
-            _node_count_fn = False
+        except (ImportError, AttributeError, cffi.FFIError) as err:
+            log.debug("CBC node count unavailable: %s", err)
     if not _node_count_fn:
         return None
-    try:
-        return int(_node_count_fn(model.solver._model))
-    except Exception:
-        return None
+    solver_model = getattr(model.solver, "_model", None)
+    return None if solver_model is None else int(_node_count_fn(solver_model))
 
 
 @dataclass
