@@ -65,7 +65,9 @@ def run_id_of(run_uri: str) -> str:
 def create_run(config: PuzzleConfig, config_text: str | None = None, run_id: str | None = None) -> str:
     """Make a new run in the config's store: writes ``config.yaml``; returns the run URI."""
     run_id = run_id or new_run_id(config.name)
-    run_id_of(run_id)
+    if not RUN_ID_RE.match(run_id):  # the whole id, not its last segment: "a/b" would nest the run
+        raise ConfigError(f"run id {run_id!r} is not a run id (lowercase letters, digits and '-', "
+                          "at most 63 characters)")
     run_uri = join_uri(config.store.uri, run_id)
     store = open_store(run_uri, config.store)
     store.put_text(CONFIG_KEY, config_text if config_text is not None else config.to_yaml())

@@ -33,6 +33,7 @@ class UnitFailure(Exception):
     step: str
     unit_id: str
     message: str
+    bad_input: bool = False  # the unit's input was refused (exit 2 for `puzzle step`): a retry cannot help
 
     def __str__(self) -> str:
         return f"step {self.step}, unit {self.unit_id}: {self.message}"
@@ -48,11 +49,16 @@ def _worker_init(threads: int, gpu_queue) -> None:
 
 
 def _worker_run(step: str, run_uri: str, unit: dict[str, Any]) -> tuple[str, str, float]:
-    from puzzle.context import run_step
+    from puzzle.config import ConfigError
+    from puzzle.context import UnitError, run_step
+    from puzzle.model import ModelLoadError
+    from puzzle.store import InvalidKeyError
 
     started = time.time()
     try:
         run_step(step, run_uri, unit)
+    except (UnitError, ConfigError, InvalidKeyError, ModelLoadError) as err:
+        return ("bad_input", f"{type(err).__name__}: {err}", time.time() - started)
     except Exception as err:  # noqa: BLE001 - reported to the parent with the unit named
         return ("error", f"{type(err).__name__}: {err}", time.time() - started)
     return ("ok", "", time.time() - started)
@@ -119,7 +125,7 @@ def run_pipeline(run_uri: str, workers: int | None = None, steps: list[str] | No
                 except cf.process.BrokenProcessPool:
                     status, message = "error", "the worker process died (killed, or out of memory)"
                 if status != "ok" and failure is None:
-                    failure = UnitFailure(s.name, str(u["id"]), message)
+                    failure = UnitFailure(s.name, str(u["id"]), message, bad_input=status == "bad_input")
                     for f in futures:
                         f.cancel()
                 bar.update(1)

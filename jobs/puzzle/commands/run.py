@@ -56,6 +56,6 @@ def _main(args) -> int:
         run_pipeline(run_uri, workers=args.workers, steps=steps)
     except UnitFailure as err:
         print(f"error: {err}\nresume with: puzzle run --resume {run_uri}", file=sys.stderr)
-        return 1
+        return 2 if err.bad_input else 1  # as `puzzle step` exits: 2 for input a retry cannot fix
     print(run_uri)
     return 0
