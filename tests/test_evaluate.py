@@ -48,11 +48,14 @@ def test_evaluate_writes_every_figure(evaluated):
     assert c["quality"]["tokens"] == p["quality"]["tokens"] == 8 * 32
     assert c["block_configs"][1] == {"attention": "attn_linear", "ffn": "ffn_i160"}
     assert c["params"] < p["params"]
+    tc = c["throughput"]["cpu"]
+    assert math.isclose(tc["paired_speedup"], tc["measured"]["tokens_per_s"] / tc["reference_measured"]["tokens_per_s"])
     for r in (p, c):
         assert r["task"]["n"] == 4 and 0 <= r["task"]["accuracy"] <= 1
         t = r["throughput"]["cpu"]
         assert t["measured"]["tokens_per_s"] > 0 and t["predicted"]["tokens_per_s"] == 100.0
         assert math.isclose(t["measured_over_predicted"], t["measured"]["tokens_per_s"] / 100.0)
+        assert ("paired_speedup" in t) == (r is c), "only a child unit times the parent beside itself"
         res = r["icl"]["results"]["scan:template"]
         assert set(res) == {"random", "topk", "cover_ls"} and all(v["n"] == 2 for v in res.values())
         assert all("records" not in v for v in res.values()), "per-item records stay out of report.json"
@@ -133,6 +136,8 @@ def test_lm_eval_local_json_task_scores_like_a_hand_computation(evaluated, tmp_p
             scores.append(sum(lp[k - 1, ids[k]].item() for k in range(len(ctx), len(ids))))
         correct += int(max(range(len(scores)), key=scores.__getitem__) == d["label"])
     assert got["scan_mc_local"]["acc,none"] == pytest.approx(correct / len(docs))
+    with pytest.raises(ConfigError, match=r"eval.lm_eval_tasks: \['no_such_task_xyz'\] could not be evaluated"):
+        lm_eval_results(model, tmp / "parent", ["no_such_task_xyz"])
 
 
 def test_lm_eval_bad_task_names_the_field(tmp_path):

@@ -78,7 +78,12 @@ def test_report_json_has_every_figure(run, tmp_path):
         assert set(m["predicted"]["cpu"]) >= {"tokens_per_s", "memory_bytes", "speedup"}
         meas = m["measured"]["cpu"]
         want = ev["throughput"]["cpu"]["measured"]["tokens_per_s"] / p_eval["throughput"]["cpu"]["measured"]["tokens_per_s"]
-        assert meas["tokens_per_s"] > 0 and math.isclose(meas["speedup"], want)
+        assert meas["tokens_per_s"] > 0 and math.isclose(meas["speedup_vs_parent_unit"], want)
+        # the speedup shown is the paired one: the parent timed right after the child in its own unit
+        paired = ev["throughput"]["cpu"]
+        assert meas["speedup_method"] == "paired"
+        assert math.isclose(meas["speedup"], paired["measured"]["tokens_per_s"]
+                            / paired["reference_measured"]["tokens_per_s"])
         q = m["quality"]
         assert q["kl"] == ev["quality"]["kl"] > 0 and q["perplexity"] == ev["quality"]["perplexity"]
         assert q["task_accuracy"] == ev["task"]["accuracy"]

@@ -173,10 +173,15 @@ def throughput_figures(
     settings: ProfileConfig,
     predicted: dict[str, Any] | None = None,
     seed: int = 0,
+    reference: DeciLMForCausalLM | None = None,
 ) -> dict[str, Any]:
     """Per scenario: the measured whole-model throughput (``puzzle.profiling.bench``) and the
     prediction of the throughput model, side by side. A scenario whose device is absent here is
-    reported with ``measured: null`` and the reason, never with a guess."""
+    reported with ``measured: null`` and the reason, never with a guess.
+
+    ``reference`` (the parent) is measured right after the model, in the same process, so
+    ``paired_speedup`` compares the two under the same conditions: on a shared CPU, units measured
+    at different times see different loads, and a ratio across units would carry that noise."""
     from puzzle.profiling.bench import measure_throughput
     from puzzle.profiling.profiler import target_device
 
@@ -191,6 +196,11 @@ def throughput_figures(
                                cuda_graphs=settings.cuda_graphs, seed=seed).to_dict()
         ratio = m["tokens_per_s"] / pred["tokens_per_s"] if pred and pred.get("tokens_per_s") else None
         out[sc.name] = {"predicted": pred, "measured": m, "measured_over_predicted": ratio}
+        if reference is not None:
+            ref = measure_throughput(reference, sc, warmup=settings.warmup, repeats=settings.repeats,
+                                     cuda_graphs=settings.cuda_graphs, seed=seed).to_dict()
+            out[sc.name]["reference_measured"] = ref
+            out[sc.name]["paired_speedup"] = m["tokens_per_s"] / ref["tokens_per_s"]
     return out
 
 
@@ -321,9 +331,10 @@ def lm_eval_results(model: DeciLMForCausalLM, tokenizer_dir: str | Path, tasks: 
         )
     except (KeyError, ValueError, FileNotFoundError, ConnectionError, OSError) as err:
         raise ConfigError(
-            f"eval.lm_eval_tasks: {list(tasks)} could not be evaluated ({type(err).__name__}: {err}); registered "
-            "tasks download their data from the Hugging Face hub, which this machine cannot reach: give local "
-            "task files (.yaml/.json with dataset_path: json and dataset_kwargs.data_files)"
+            f"eval.lm_eval_tasks: {list(tasks)} could not be evaluated ({type(err).__name__}: {err}); allowed: "
+            "names lm-evaluation-harness registers (their data comes from the Hugging Face hub, so they need "
+            "network access) or local task files (.yaml/.json with dataset_path: json and "
+            "dataset_kwargs.data_files), which work offline"
         ) from None
     out: dict[str, Any] = {}
     for name, metrics in (res or {}).get("results", {}).items():

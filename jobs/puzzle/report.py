@@ -5,7 +5,9 @@ what solve predicted for them), ``solve/solutions.json`` and ``solve/pareto.json
 ``eval/<id>/report.json``, ``child/<id>/complete.json`` (GKD) and the BLD library's metas (loss
 curves). Ratios are taken against the ``parent`` unit, which evaluate measured with the same code:
 
-- measured speedup = child's measured tokens/s / parent's measured tokens/s (same scenario);
+- measured speedup = child's measured tokens/s / parent's measured tokens/s (same scenario): the
+  parent measured in the child's own evaluate unit right after it (same load) when present, else the
+  parent unit's measurement;
 - retention = child task accuracy / parent task accuracy (None where the parent scores 0);
 - ICL rows: method x split x (parent, child, retention).
 
@@ -60,9 +62,14 @@ def _measured(ev: dict[str, Any] | None, parent_ev: dict[str, Any] | None) -> di
             out[sc] = {"tokens_per_s": None, "speedup": None, "reason": t.get("reason")}
             continue
         base = (((parent_ev or {}).get("throughput") or {}).get(sc) or {}).get("measured")
+        across = m["tokens_per_s"] / base["tokens_per_s"] if base else None
+        paired = t.get("paired_speedup")
         out[sc] = {
             "tokens_per_s": m["tokens_per_s"],
-            "speedup": m["tokens_per_s"] / base["tokens_per_s"] if base else None,
+            # the parent measured in the same unit, right after the child, when evaluate did that
+            "speedup": paired if paired is not None else across,
+            "speedup_method": "paired" if paired is not None else "parent unit",
+            "speedup_vs_parent_unit": across,
             "memory_bytes": m.get("memory_bytes"),
             "prefill_s": m.get("prefill_s"),
             "decode_s": m.get("decode_s"),
@@ -368,8 +375,8 @@ def summary_table(report: dict[str, Any]) -> str:
     head = ("model", "kind", "pred tok/s", "pred x", "meas tok/s", "meas x", "KL", "ppl", "task acc", "retention")
     lines = []
     for r in summary_rows(report):
-        lines.append((r["id"], r["kind"], _fmt(r["predicted_tokens_per_s"], ".4g"), _fmt(r["predicted_speedup"], ".2f"),
-                      _fmt(r["measured_tokens_per_s"], ".4g"), _fmt(r["measured_speedup"], ".2f"), _fmt(r["kl"], ".4f"),
+        lines.append((r["id"], r["kind"], _fmt(r["predicted_tokens_per_s"], ",.0f"), _fmt(r["predicted_speedup"], ".2f"),
+                      _fmt(r["measured_tokens_per_s"], ",.0f"), _fmt(r["measured_speedup"], ".2f"), _fmt(r["kl"], ".4f"),
                       _fmt(r["perplexity"], ".3f"), _pct(r["task_accuracy"]), _pct(r["retention"])))
     widths = [max(len(h), *(len(x[i]) for x in lines)) if lines else len(h) for i, h in enumerate(head)]
     out = [f"run {report.get('run') or report.get('name')}, scenario {report['primary_scenario']}",
@@ -409,17 +416,18 @@ def render_html(report: dict[str, Any]) -> str:
                  f"{html.escape(s['dtype'])} on {html.escape(s['device'])})" for s in report["scenarios"]) + ".</p>"]
     if report.get("missing"):
         parts.append(f"<p class='note'>Not evaluated yet: {html.escape(', '.join(report['missing']))}.</p>")
-    rows = [[html.escape(r["id"]), html.escape(str(r["kind"])), _fmt(r["predicted_tokens_per_s"], ".4g"),
-             _fmt(r["predicted_speedup"], ".2f"), _fmt(r["measured_tokens_per_s"], ".4g"),
+    rows = [[html.escape(r["id"]), html.escape(str(r["kind"])), _fmt(r["predicted_tokens_per_s"], ",.0f"),
+             _fmt(r["predicted_speedup"], ".2f"), _fmt(r["measured_tokens_per_s"], ",.0f"),
              _fmt(r["measured_speedup"], ".2f"), _fmt(r["kl"], ".4f"), _fmt(r["perplexity"], ".3f"),
-             _pct(r["task_accuracy"]), _pct(r["retention"]), _fmt(r["memory_bytes"], ",d") if r["memory_bytes"] else "—",
-             _fmt(r["params"], ",d") if r["params"] else "—"] for r in summary_rows(report)]
+             _pct(r["task_accuracy"]), _pct(r["retention"]), _fmt(r["memory_bytes"], ",.0f"),
+             _fmt(r["params"], ",.0f")] for r in summary_rows(report)]
     parts.append("<h2>Summary</h2>")
     parts.append(_table(["model", "kind", "predicted tok/s", "predicted speedup", "measured tok/s", "measured speedup",
                          "KL to parent", "perplexity", "task accuracy", "retention", "predicted memory (B)", "params"],
                         rows))
     parts.append("<p class='note'>Speedups are against the parent measured/predicted with the same code on the "
-                 "same scenario; retention = model task accuracy / parent task accuracy.</p>")
+                 "same scenario (measured: the parent timed right after the model in the same evaluate unit); "
+                 "retention = model task accuracy / parent task accuracy.</p>")
     plots = [("Pareto front and built models", plot_pareto(report)),
              ("Per-layer architecture", plot_architectures(report)),
              ("Predicted vs measured throughput", plot_throughput(report)),
@@ -434,7 +442,7 @@ def render_html(report: dict[str, Any]) -> str:
     parts.append("<h2>ICL: exact match per selection method</h2>")
     parts.append(_table(["model", "method", "split", "parent", "child", "retention"], icl_rows) if icl_rows
                  else "<p class='note'>ICL evaluation was not enabled (eval.icl.enabled).</p>")
-    gkd_rows = [[html.escape(m["id"]), _fmt(m["gkd"].get("steps")), _fmt(m["gkd"].get("tokens"), ",d"),
+    gkd_rows = [[html.escape(m["id"]), _fmt(m["gkd"].get("steps")), _fmt(m["gkd"].get("tokens"), ",.0f"),
                  _fmt(m["gkd"].get("initial_kl"), ".4f"), _fmt(m["gkd"].get("final_kl"), ".4f")]
                 for m in [*report["solutions"], *report["baselines"]] if m.get("gkd") and m["gkd"].get("enabled")]
     if gkd_rows:

@@ -8,7 +8,8 @@ measures, on the same data for every unit:
   tokens of ``data/validation``;
 - task: exact match on ``eval.task_examples`` held-out tiny-task (SCAN) episodes;
 - throughput: tokens/s measured per profile scenario (``puzzle.profiling.bench``) next to the
-  prediction solve made for this architecture;
+  prediction solve made for this architecture, and the parent's measured right after it in the same
+  unit (``paired_speedup``: both under the same load);
 - ICL (``eval.icl.enabled``): exact match per dataset:split x selection method; Cover-LS's structures
   come from the parent's beams for every unit, so parent and child see the same demonstrations;
 - lm-evaluation-harness tasks (``eval.lm_eval_tasks``) through its Python API.
@@ -86,7 +87,7 @@ def run(ctx: StepContext) -> None:
     out["throughput"] = {}
     if ev.measure_throughput:
         out["throughput"] = throughput_figures(child, cfg.profile.scenarios, cfg.profile, ctx.unit.get("predicted"),
-                                               seed=cfg.seed)
+                                               seed=cfg.seed, reference=parent)
         for sc, t in out["throughput"].items():
             if t["measured"] is not None:
                 ctx.metrics.set("eval_tokens_per_s", t["measured"]["tokens_per_s"],
