@@ -19,7 +19,7 @@ import pytest
 from puzzle.cli import main
 from puzzle.context import done_key
 from puzzle.store import open_store
-from test_reliability import FFN_UNIT, bld_unit, cli, config_text, parent_dir, small_run  # noqa: F401
+from test_reliability import FFN_UNIT, bld_unit, cli, config_text, small_run
 from tinymodels import make_parent
 
 
@@ -27,6 +27,11 @@ def puzzle(capsys, *argv: str) -> tuple[int, str]:
     """The CLI in this process (fast); returns (exit status, stderr)."""
     code = main(list(argv))
     return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def parent_dir(tmp_path_factory) -> Path:
+    return make_parent(tmp_path_factory.mktemp("parent"))
 
 
 def trusted_keys(uri: str) -> list[str]:

@@ -96,8 +96,8 @@ def block_weights(uri: str, variant: str = "ffn_m0.5") -> dict[str, torch.Tensor
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys() and a
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+    for k, want in a.items():
+        torch.testing.assert_close(b[k], want, rtol=0, atol=1e-6, msg=k)
 
 
 def _children(pid: int) -> list[int]:

@@ -22,7 +22,7 @@ import services
 from puzzle.config import load_config_text
 from puzzle.context import create_run, done_key, run_step
 from puzzle.store import open_store
-from test_reliability import (  # noqa: F401  (parent_dir is a fixture)
+from test_reliability import (
     CHILD_ENV,
     FFN_UNIT,
     assert_same_weights,
@@ -31,9 +31,9 @@ from test_reliability import (  # noqa: F401  (parent_dir is a fixture)
     cli,
     config_text,
     library_of,
-    parent_dir,
     reference_run,
 )
+from tinymodels import make_parent
 
 BLD_STEPS = 100  # about 5 s of training with S3 checkpoints every 5 steps: time to stop the server mid-way
 
@@ -79,6 +79,11 @@ class RestartableS3:
     def client(self):
         return services.S3Server(self.endpoint, services.ACCESS_KEY, services.SECRET_KEY, services.REGION,
                                  self.proc.pid, self.workdir / "data").client()
+
+
+@pytest.fixture(scope="module")
+def parent_dir(tmp_path_factory) -> Path:
+    return make_parent(tmp_path_factory.mktemp("parent"))
 
 
 @pytest.fixture(scope="module")

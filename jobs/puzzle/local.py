@@ -154,4 +154,4 @@ def describe(config: PuzzleConfig) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run_pipeline", "describe", "UnitFailure", "CONFIG_KEY"]
+__all__ = ["CONFIG_KEY", "UnitFailure", "describe", "run_pipeline"]
