@@ -212,3 +212,19 @@ def test_replace_with_linear_under_vllm_serving_is_an_error(tmp_path):
     with pytest.raises(UnitError, match=r"serving: 'vllm' cannot load replace_with_linear.*layer 1 attn_linear"):
         run_step("assemble", run, unit(run, "sol-0"))
     assert not open_store(run).exists("child/sol-0/complete.json")
+
+
+def test_a_parent_changed_mid_run_is_refused(tmp_path):
+    run = make_run(tmp_path)
+    assert run_step("assemble", run, unit(run, "parent"))
+    # the parent directory rewritten after bld (a retrained parent): blocks and parent no longer belong together
+    from transformers import LlamaForCausalLM
+
+    m = LlamaForCausalLM.from_pretrained(str(tmp_path / "parent"))
+    with torch.no_grad():
+        m.model.norm.weight.mul_(2)
+    m.save_pretrained(tmp_path / "parent", safe_serialization=True)
+    with pytest.raises(UnitError, match=r"parent.uri: the weights in .* changed since this run's blocks"):
+        run_step("assemble", run, unit(run, "sol-0"))
+    with pytest.raises(UnitError, match=r"changed since this run's blocks"):
+        run_step("evaluate", run, unit(run, "parent"))

@@ -30,6 +30,7 @@ from typing import Any
 
 from puzzle.context import StepContext, UnitError
 from puzzle.data.shards import load_tokens, sequences
+from puzzle.evaluation import verify_parent
 from puzzle.library import Library, LibraryError, dtype_of
 from puzzle.model import (
     AttentionVariant,
@@ -120,6 +121,7 @@ def run(ctx: StepContext) -> None:
     device = ctx.device()
     dtype = dtype_of(cfg.parent.dtype)
     parent_dir = ctx.parent_dir()
+    verify_parent(ctx.store, parent_dir)
     child = load_parent(parent_dir, dtype=dtype, device=device)
     n = len(child.model.layers)
     blocks = parse_block_configs(unit.get("block_configs"), n, child.config.hidden_size)

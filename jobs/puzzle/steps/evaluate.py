@@ -34,6 +34,7 @@ from puzzle.evaluation import (
     lm_eval_results,
     task_accuracy,
     throughput_figures,
+    verify_parent,
 )
 from puzzle.library import dtype_of
 from puzzle.model import load_parent, load_pretrained
@@ -64,6 +65,7 @@ def run(ctx: StepContext) -> None:
         ctx.store.get_file(k, child_dir / k[len(f"child/{uid}/"):])
     child = load_pretrained(child_dir, dtype=dtype, device=device)
     is_parent = record.get("kind") == "parent"
+    verify_parent(ctx.store, ctx.parent_dir())
     parent = None if is_parent else load_parent(ctx.parent_dir(), dtype=dtype, device=device)
 
     out: dict[str, Any] = {
