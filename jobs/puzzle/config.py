@@ -36,7 +36,7 @@ class ParentConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    distillation_uri: str = Field(description="Text (UTF-8, one document per line or a .jsonl with 'text') for BLD and GKD.")
+    distillation_uri: str = Field(description="Text for BLD and GKD: UTF-8 .txt read as one stream, or .jsonl with one {\"text\": ...} document a line.")
     validation_uri: str = Field(description="Held-out text for scoring and evaluation.")
     seq_len: int = Field(256, ge=8, description="Tokens per training/validation sequence.")
     distillation_tokens: int = Field(200_000, ge=1, description="Upper bound of distillation tokens tokenized by prepare.")
