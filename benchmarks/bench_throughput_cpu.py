@@ -18,7 +18,6 @@ import platform
 import time
 
 import torch
-
 from puzzle.config import load_config
 from puzzle.model import AttentionVariant as A
 from puzzle.model import BlockConfig, DeciLMForCausalLM, load_parent
@@ -60,7 +59,7 @@ def main() -> None:
     t0 = time.time()
     recs = [profile_unit(pcfg, k, n, sc, cfg.profile) for k, n in sorted(used)]
     prof = ScenarioProfile(recs)
-    out = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "machine": platform.processor() or platform.machine(),
+    out = {"date": _dt.datetime.now(_dt.UTC).isoformat(), "machine": platform.processor() or platform.machine(),
            "threads": args.threads, "torch": torch.__version__, "scenario": sc.model_dump(), "profile_s": time.time() - t0,
            "models": {}}
     print(f"profiled {len(recs)} variants in {out['profile_s']:.1f} s ({sc.name}, {args.threads} thread(s))")

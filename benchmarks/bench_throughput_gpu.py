@@ -26,7 +26,6 @@ import json
 import time
 
 import torch
-
 from puzzle.config import ProfileConfig, Scenario
 from puzzle.model import AttentionVariant as A
 from puzzle.model import BlockConfig, DeciLMForCausalLM, ModelConfig, model_counts
@@ -133,11 +132,10 @@ def floors(cfg: ModelConfig, sc: Scenario, bw: float, rate: float) -> dict[str, 
 def kernel_table(cfg: ModelConfig, batch: int, context: int) -> list[dict]:
     """Kernels of one eager decode step of the parent's attention and FFN blocks (torch.profiler), to
     see where the time over the bandwidth floor goes."""
-    from torch.profiler import ProfilerActivity, profile
-
     from puzzle.model import build_attention, build_ffn
     from puzzle.model.modeling import RMSNorm, rope_inv_freq
     from puzzle.profiling.engine import AttnBlock, FFNBlock, decode_bias, rope_tables
+    from torch.profiler import ProfilerActivity, profile
 
     dev = torch.device("cuda")
     att = AttnBlock(RMSNorm(4096, 1e-5).to(dev, torch.bfloat16), build_attention(A.gqa(4), cfg).to(dev, torch.bfloat16),
@@ -180,7 +178,7 @@ def main() -> None:
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     t_start = time.time()
     out: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(), "layers": args.layers, "args": vars(args)}
+                 "date": _dt.datetime.now(_dt.UTC).isoformat(), "layers": args.layers, "args": vars(args)}
     bw, rate = copy_bandwidth(), matmul_rate()
     out["copy_bandwidth_Bps"], out["bf16_matmul_flops"] = bw, rate
     print(f"{out['device']}  copy {bw / 1e12:.2f} TB/s  bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
@@ -216,7 +214,6 @@ def main() -> None:
             pred = predict(profiles[sc.name], blocks)
             meas = measure_throughput(model, sc, warmup=1, repeats=args.repeats)
             fl = floors(mcfg, sc, bw, rate)
-            steps = len(decode_contexts(sc.input_len, sc.output_len))
             err = pred.tokens_per_s / meas.tokens_per_s - 1
             res[sc.name] = {"predicted": pred.to_dict(), "measured": meas.to_dict(), "error": err,
                             "prefill_error": pred.prefill_s / meas.prefill_s - 1,

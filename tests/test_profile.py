@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from puzzle.config import ProfileConfig, Scenario, parse_config
 from puzzle.context import UnitError, create_run, run_step
 from puzzle.model import AttentionVariant, FFNVariant, expand_search_space

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from puzzle.cli import main as cli_main
 from puzzle.config import ProfileConfig, Scenario
 from puzzle.model import AttentionVariant as A

@@ -44,8 +44,8 @@ from puzzle.profiling.engine import (
     Graphed,
     NonBlock,
     attended_length,
-    decode_bucket,
     decode_bias,
+    decode_bucket,
     decode_contexts,
     rope_tables,
 )
@@ -276,7 +276,6 @@ def measure_unit(cfg: ModelConfig, kind: str, variant: Any, scenario: Scenario, 
 
     g = Graphed(prefill, device, use_graphs, pool)
     pre = time_callable(g, device, settings.warmup, settings.repeats)
-    pre_s = pre.median_s / replicas
     del g
 
     dpoints = []
