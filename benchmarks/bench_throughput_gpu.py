@@ -184,7 +184,7 @@ def main() -> None:
     print(f"{out['device']}  copy {bw / 1e12:.2f} TB/s  bf16 matmul {rate / 1e12:.0f} TFLOP/s", flush=True)
     cfg = parent_config(args.layers)
     out["kernels"] = {f"b{b}": kernel_table(cfg, b, args.input_len + 100) for b in args.batches}
-    scenarios = [Scenario(name=f"h100-b{b}", batch_size=b, input_len=args.input_len, output_len=args.output_len,
+    scenarios = [Scenario(name=f"gpu-b{b}", batch_size=b, input_len=args.input_len, output_len=args.output_len,
                           dtype="bfloat16", device="cuda") for b in args.batches]
     settings = ProfileConfig(scenarios=scenarios, warmup=3, repeats=args.profile_repeats, decode_points=5)
     profiles: dict[str, ScenarioProfile] = {}
