@@ -73,22 +73,24 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     for layer, variant in lib.entries():
         m = lib.meta(layer, variant)
         rows.append({"layer": layer, "variant": variant, "initial_nmse": m["initial_nmse"],
-                     "final_nmse": m["final_nmse"], "tokens_seen": m["tokens_seen"], "seconds": m["seconds"]})
+                     "final_nmse": m["final_nmse"], "trained_nmse": m.get("trained_nmse"),
+                     "kept": m.get("kept", "trained"), "tokens_seen": m["tokens_seen"], "seconds": m["seconds"]})
     result = {"config": str(args.config), "units": len(units), "wall_seconds": time.time() - started,
               "threads": args.threads, "library": lib.digest, "blocks": rows}
     variants = sorted({r["variant"] for r in rows})
-    print("| variant | layers | initial nmse (mean) | final nmse (mean) | final < initial |")
-    print("|---|---|---|---|---|")
+    print("| variant | layers | initial nmse (mean) | final nmse (mean) | trained < initial | kept init |")
+    print("|---|---|---|---|---|---|")
     for v in variants:
         rs = [r for r in rows if r["variant"] == v]
         ini = np.mean([r["initial_nmse"] for r in rs])
         fin = np.mean([r["final_nmse"] for r in rs])
-        better = sum(r["final_nmse"] < r["initial_nmse"] for r in rs)
-        print(f"| {v} | {len(rs)} | {ini:.4f} | {fin:.4f} | {better}/{len(rs)} |")
-    print("\n| layer | variant | initial nmse | final nmse |")
-    print("|---|---|---|---|")
+        better = sum(r["trained_nmse"] is not None and r["trained_nmse"] < r["initial_nmse"] for r in rs)
+        kept = sum(r["kept"] == "initial" for r in rs)
+        print(f"| {v} | {len(rs)} | {ini:.4f} | {fin:.4f} | {better}/{len(rs)} | {kept} |")
+    print("\n| layer | variant | initial nmse | trained nmse | kept |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layer']} | {r['variant']} | {r['initial_nmse']:.4f} | {r['final_nmse']:.4f} |")
+        print(f"| {r['layer']} | {r['variant']} | {r['initial_nmse']:.3g} | {r['trained_nmse']:.3g} | {r['kept']} |")
     return result
 
 

@@ -79,7 +79,8 @@ def test_whole_library_trains_and_every_block_improves(trained, parent_dir):
             assert m["initial_nmse"] == m["final_nmse"] > 0 and m["tokens_seen"] == 0
             assert lib.load_block(layer, v) == {}
         else:
-            assert m["final_nmse"] < m["initial_nmse"], (layer, v, m["initial_nmse"], m["final_nmse"])
+            assert m["kept"] == "trained"
+            assert m["final_nmse"] == m["trained_nmse"] < m["initial_nmse"], (layer, v, m)
             assert m["steps"] == 40 and m["tokens_seen"] == 40 * 8 * 32
             assert [s for s, _ in m["loss_curve"]] == list(range(1, 41))
             assert m["seconds"] > 0 and m["tokens_per_second"] > 0
@@ -175,6 +176,24 @@ def test_coupled_mode_trains_whole_blocks(tmp_path, parent_dir):
     child = load_parent(parent_dir)
     lib.apply(child, 1, "attn_g4+ffn_m0.5")
     assert child.block_configs[1].name == "attn_g4+ffn_m0.5"
+
+
+def test_a_block_that_training_made_worse_keeps_its_initialization(tmp_path, parent_dir):
+    """lr 1.0 wrecks the trained weights; the library then holds the (better) initialized block."""
+    cfg = {**BLD, "lr": 1.0, "tokens": 8 * 32 * 6}
+    uri = make_run(tmp_path, parent_dir, **cfg)
+    assert step(uri, unit("ffn_m1.0", "ffn", (1, 2))) == 0
+    lib = Library.for_run(open_store(uri), parse_config(make_config(tmp_path, parent_dir, **cfg)))
+    m = lib.meta(1, "ffn_m1.0")
+    assert m["kept"] == "initial" and m["trained_nmse"] > m["initial_nmse"] == m["final_nmse"]
+    # the stored weights are the initialization: swapped in, they reproduce the initial error
+    ids = sequences(load_tokens(open_store(uri), "data/validation")[:512], 32)
+    parent, child = load_parent(parent_dir), load_parent(parent_dir)
+    lib.apply(child, 1, "ffn_m1.0")
+    with torch.no_grad():
+        h = parent.attn_sublayer(1, parent.run_layers(parent.embed(ids), 0, 1))
+        y, t = child.ffn_sublayer(1, h), parent.ffn_sublayer(1, h)
+    assert normalized_mse(y, t) == pytest.approx(m["initial_nmse"], rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ output there, with the normalized MSE  sum (y - t)^2 / sum t^2.
 - Every ``bld.checkpoint_every`` steps the unit's state (weights, optimizer, step, RNG, loss curve) goes
   to the library's ``checkpoints/<unit-id>/``; a retried unit resumes there and ends with the same
   weights as an uninterrupted run.
+- The library keeps the better (on held-out tokens) of the trained block and its initialization;
+  ``meta.json`` records both errors and which one was kept.
 - Results go to the content-addressed library (``puzzle.library``): a block already there (same
   parent, data and hyperparameters) is reused, not trained again.
 
@@ -215,6 +217,7 @@ class _LayerState:
     curve: list[list[float]] = field(default_factory=list)
     pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # losses not yet synced
     initial_nmse: float | None = None
+    init_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the block before training
 
     def flush(self) -> None:
         if self.pending:
@@ -305,7 +308,8 @@ class Trainer:
         init = None if resume is not None else self._calibration()
         for i in layers:
             block = self._build(i, init)
-            self.layers.append(_LayerState(i, block, self._optimizer(block)))
+            state = {k: v.detach().clone() for k, v in block.state_dict().items()}
+            self.layers.append(_LayerState(i, block, self._optimizer(block), init_state=state))
         del init
 
     # -- evaluation --
@@ -391,6 +395,8 @@ class Trainer:
             curves[str(s.layer)] = s.curve
             for k, v in s.block.state_dict().items():
                 tensors[f"block.{s.layer}.{k}"] = v
+            for k, v in s.init_state.items():
+                tensors[f"init.{s.layer}.{k}"] = v
             if s.optimizer is not None:
                 for pi, st in s.optimizer.state_dict()["state"].items():
                     for name, v in st.items():
@@ -405,6 +411,8 @@ class Trainer:
         for s in self.layers:
             pre = f"block.{s.layer}."
             s.block.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+            pre = f"init.{s.layer}."
+            s.init_state = {k[len(pre):]: v.to(self.device) for k, v in tensors.items() if k.startswith(pre)}
             s.curve = [list(x) for x in meta["curves"][str(s.layer)]]
             s.initial_nmse = meta["initial_nmse"][str(s.layer)]
             if s.optimizer is not None:
@@ -514,12 +522,22 @@ def run(ctx: StepContext) -> None:
     seconds = prior_seconds + time.perf_counter() - started
     steps_run = trainer.total_steps if trainer.layers[0].optimizer is not None else 0
     for s in trainer.layers:
+        # A block whose initialization is already better on held-out tokens than what training made
+        # of it (a near-exact init, too high a learning rate) keeps the initialization: the library
+        # holds the best block it has for (layer, variant), and meta says which one it is.
+        assert s.initial_nmse is not None
+        kept_initial = bool(s.init_state) and final[s.layer] >= s.initial_nmse
+        if kept_initial:
+            log.warning("bld %s: layer %d: trained nmse %.3g is not below the initialization's %.3g; keeping the "
+                        "initialization (lower bld.lr?)", unit.id, s.layer, final[s.layer], s.initial_nmse)
         meta = {
             "unit": unit.id,
             "kind": unit.kind,
             "mode": config.bld.mode,
             "initial_nmse": s.initial_nmse,
-            "final_nmse": final[s.layer],
+            "final_nmse": s.initial_nmse if kept_initial else final[s.layer],
+            "trained_nmse": final[s.layer],
+            "kept": "initial" if kept_initial else "trained",
             "loss_curve": _curve_points(s.curve),
             "steps": steps_run,
             "tokens_seen": steps_run * trainer.tokens_per_step,
@@ -533,7 +551,8 @@ def run(ctx: StepContext) -> None:
             "library": lib.digest,
             "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
         }
-        sd = {k: v.to(dtype_of(config.parent.dtype)) for k, v in s.block.state_dict().items()}
+        weights = s.init_state if kept_initial else s.block.state_dict()
+        sd = {k: v.to(dtype_of(config.parent.dtype)) for k, v in weights.items()}
         lib.save_block(s.layer, unit.variant, sd, meta)
         _metrics(ctx, s.layer, unit.variant, meta, reused=False)
     for key in ckpt.list():
