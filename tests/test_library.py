@@ -169,3 +169,22 @@ def test_names_and_roots_are_checked():
         runs_root_uri("s3://bucket")
     with pytest.raises(ValueError, match="layer"):
         Library.prefix(-1, "attn_g4")
+
+
+def test_library_on_s3_lives_beside_the_runs(s3_bucket, tmp_path, parent_dir):
+    """The same code path on a real S3 server (SeaweedFS): digest recorded, entry written and read back."""
+    data = make_config(tmp_path, parent_dir)
+    data["store"] = {"uri": f"{s3_bucket.uri}/runs"}
+    config = parse_config(data)
+    uri = create_run(config, run_id="run-s3")
+    store = open_store(uri, config.store)
+    write_shards(store, "data/distillation", markov_tokens(600, 1), 4096, {"sha256": "d"})
+    write_shards(store, "data/validation", markov_tokens(200, 2), 4096, {"sha256": "v"})
+    lib = Library.for_run(store, config, parent_dir)
+    assert lib.uri == f"{s3_bucket.uri}/runs/library/{lib.digest}"
+    sd = {"post_attention_layernorm.weight": torch.rand(64), "mlp.linear_mlp.weight": torch.rand(64, 64)}
+    lib.save_block(0, "ffn_linear", sd, {"initial_nmse": 0.2, "final_nmse": 0.1})
+    again = Library.for_run(open_store(uri, config.store), config)
+    assert again.entries() == [(0, "ffn_linear")]
+    got = again.load_block(0, "ffn_linear")
+    assert all(torch.equal(got[k], sd[k]) for k in sd)
