@@ -154,11 +154,11 @@ def test_parent_that_is_not_a_directory_exits_2(tmp_path, parent_dir, capsys):
 
 
 # ----- storage --------------------------------------------------------------------------------------
-def test_s3_with_bad_credentials_exits_non_zero_and_writes_nothing(tmp_path, parent_dir, s3_bucket, monkeypatch):
+def test_s3_with_bad_credentials_exits_2_and_writes_nothing(tmp_path, parent_dir, s3_bucket, monkeypatch):
     cfg = tmp_path / "puzzle.yaml"
     cfg.write_text(config_text(tmp_path, parent_dir, f"s3://{s3_bucket.name}/runs"))
     r = cli("run", str(cfg), "--steps", "prepare", env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"})
-    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.returncode == 2, r.stderr[-3000:]  # refused credentials: bad input, never retried
     assert "the S3 credentials were refused" in r.stderr and "SignatureDoesNotMatch" in r.stderr
     assert f"s3://{s3_bucket.name}/runs/t-" in r.stderr and "/config.yaml" in r.stderr
     assert "Traceback" not in r.stderr

@@ -182,8 +182,6 @@ def test_a_deployment_is_checked_too():
     assert any("hostNetwork" in p for p in problems) and any("allowPrivilegeEscalation" in p for p in problems)
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.py registers the exit-handler template twice (Hera adds a "
-                   "template made inside the WorkflowTemplate context, and it is appended again); reported")
 def test_template_names_are_unique():
     names = [t["name"] for t in pipeline.render_workflow_template()["spec"]["templates"]]
     assert len(names) == len(set(names)), names

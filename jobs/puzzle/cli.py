@@ -14,9 +14,9 @@ import sys
 
 from puzzle import __version__, commands
 from puzzle.config import ConfigError
-from puzzle.store import InvalidKeyError, StoreError
+from puzzle.store import CredentialsError, InvalidKeyError, StoreError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, InvalidKeyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, InvalidKeyError, CredentialsError)
 
 
 class UserError(Exception):

@@ -28,7 +28,7 @@ from typing import Any
 from puzzle import pipeline
 from puzzle.config import ConfigError, PuzzleConfig, load_config_text
 from puzzle.metrics import StepMetrics
-from puzzle.store import Store, join_uri, open_store
+from puzzle.store import CredentialsError, InvalidKeyError, Store, join_uri, open_store
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,13 @@ class UnitError(ValueError):
     """A unit that cannot be run as given (unknown variant, layer out of range, ...): bad input, exit 2."""
 
 
+# Failures a retry cannot fix: `puzzle step` exits 2 (Argo does not retry) and `puzzle run` stops.
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (UnitError, ConfigError, InvalidKeyError, CredentialsError)
+
+
 def new_run_id(name: str) -> str:
     """``<name>-<UTC timestamp>-<random>``: unique across concurrent runs in one bucket, DNS-safe."""
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
     return f"{name}-{stamp}-{secrets.token_hex(3)}"
 
 
@@ -62,12 +66,17 @@ def run_id_of(run_uri: str) -> str:
     return run_id
 
 
-def create_run(config: PuzzleConfig, config_text: str | None = None, run_id: str | None = None) -> str:
-    """Make a new run in the config's store: writes ``config.yaml``; returns the run URI."""
-    run_id = run_id or new_run_id(config.name)
-    if not RUN_ID_RE.match(run_id):  # the whole id, not its last segment: "a/b" would nest the run
+def check_run_id(run_id: str) -> str:
+    """A run id is one DNS label (a Workflow name too); the whole id is checked, so "a/b" cannot nest."""
+    if not RUN_ID_RE.match(run_id):
         raise ConfigError(f"run id {run_id!r} is not a run id (lowercase letters, digits and '-', "
                           "at most 63 characters)")
+    return run_id
+
+
+def create_run(config: PuzzleConfig, config_text: str | None = None, run_id: str | None = None) -> str:
+    """Make a new run in the config's store: writes ``config.yaml``; returns the run URI."""
+    run_id = check_run_id(run_id or new_run_id(config.name))
     run_uri = join_uri(config.store.uri, run_id)
     store = open_store(run_uri, config.store)
     store.put_text(CONFIG_KEY, config_text if config_text is not None else config.to_yaml())
@@ -183,7 +192,7 @@ def run_step(
         ctx.metrics.write(store)
         ctx.metrics.push()
         store.put_json(key, {"step": step, "unit": unit, "seconds": seconds,
-                             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+                             "finished_at": _dt.datetime.now(_dt.UTC).isoformat(),
                              "host": os.uname().nodename})
     finally:
         ctx.cleanup()

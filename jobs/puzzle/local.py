@@ -49,15 +49,12 @@ def _worker_init(threads: int, gpu_queue) -> None:
 
 
 def _worker_run(step: str, run_uri: str, unit: dict[str, Any]) -> tuple[str, str, float]:
-    from puzzle.config import ConfigError
-    from puzzle.context import UnitError, run_step
-    from puzzle.model import ModelLoadError
-    from puzzle.store import InvalidKeyError
+    from puzzle.context import BAD_INPUT_ERRORS, run_step
 
     started = time.time()
     try:
         run_step(step, run_uri, unit)
-    except (UnitError, ConfigError, InvalidKeyError, ModelLoadError) as err:
+    except BAD_INPUT_ERRORS as err:
         return ("bad_input", f"{type(err).__name__}: {err}", time.time() - started)
     except Exception as err:  # noqa: BLE001 - reported to the parent with the unit named
         return ("error", f"{type(err).__name__}: {err}", time.time() - started)

@@ -470,10 +470,10 @@ def build_workflow_template():
         labels={"app.kubernetes.io/name": "puzzle", "app.kubernetes.io/version": __version__},
         annotations={"puzzle.dev/generated-by": "puzzle render-workflow (jobs/puzzle/pipeline.py)"},
     ) as wt:
-        # Templates made inside the WorkflowTemplate context register themselves when a task uses
-        # them; the exit handler is referenced by name only (onExit), so it is added explicitly.
+        # Templates made inside the WorkflowTemplate context register themselves, the exit handler
+        # (referenced by name only, through onExit) included.
         leaves = {s.name: _container_template(s) for s in STEPS}
-        wt.templates.append(_exit_handler())
+        _exit_handler()
 
         # Chain templates: unit i of each later step waits only for unit i of the one before it.
         for chain in chains().values():

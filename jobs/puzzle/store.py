@@ -60,6 +60,10 @@ class InvalidKeyError(StoreError, ValueError):
     """A key (or URI) breaks a naming rule; the message names the key and the rule."""
 
 
+class CredentialsError(StoreError):
+    """The S3 credentials are missing, refused or lack permission: retrying cannot help (bad input)."""
+
+
 class CorruptArtifactError(StoreError):
     """The bytes read do not match the sha256 recorded when the object was written."""
 
@@ -538,7 +542,7 @@ class S3Store(Store):
             try:
                 return fn()
             except (NoCredentialsError, PartialCredentialsError) as err:
-                raise StoreError(
+                raise CredentialsError(
                     f"{self._where(key)}: {what} failed: no S3 credentials found ({err}); set "
                     "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a profile / service-account role)"
                 ) from None
@@ -547,13 +551,13 @@ class S3Store(Store):
             except Exception as err:  # classified below; unknown errors are re-raised
                 code, status = _error_code(err)
                 if code in _CREDENTIAL_CODES:
-                    raise StoreError(
+                    raise CredentialsError(
                         f"{self._where(key)}: {what} failed: the S3 credentials were refused by "
                         f"{self._client.meta.endpoint_url} ({code or status}); check AWS_ACCESS_KEY_ID / "
                         "AWS_SECRET_ACCESS_KEY"
                     ) from None
                 if code == "AccessDenied" or status in (401, 403):  # HEAD answers carry no code
-                    raise StoreError(
+                    raise CredentialsError(
                         f"{self._where(key)}: {what} failed: access denied; the credentials were refused "
                         "or lack permission for this bucket/prefix"
                     ) from None

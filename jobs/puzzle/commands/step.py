@@ -11,9 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from puzzle.config import ConfigError
-from puzzle.context import STEP_NAMES, UnitError, parse_unit, run_step
-from puzzle.store import InvalidKeyError, StoreError
+from puzzle.context import BAD_INPUT_ERRORS, STEP_NAMES, UnitError, parse_unit, run_step
+from puzzle.store import StoreError
 
 # Disk full, quota exceeded, or the file-size limit (RLIMIT_FSIZE) reached: retrying on the same
 # node fails the same way, so the message says what to give the pod.
@@ -62,11 +61,10 @@ def _main(args) -> int:
     except UnitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from puzzle.model import ModelLoadError  # imports torch: only when a step really runs
 
     try:
         ran = run_step(args.name, args.run, unit, outputs_dir=args.outputs, force=args.force)
-    except (UnitError, ConfigError, InvalidKeyError, ModelLoadError) as err:
+    except BAD_INPUT_ERRORS as err:
         print(f"error: step {args.name}, unit {unit['id']}: {err}", file=sys.stderr)
         return 2
     except Exception as err:

@@ -68,10 +68,10 @@ def _main(args) -> int:
     if args.cpu_image:
         params["cpu-image"] = args.cpu_image
 
-    from puzzle.context import create_run, new_run_id, run_id_of
+    from puzzle.context import check_run_id, create_run, new_run_id
 
     run_id = args.run_id or new_run_id(cfg.name)
-    run_id_of(run_id)  # the same rule as every step: a DNS label, which a Workflow name must be too
+    check_run_id(run_id)  # the same rule as every step: a DNS label, which a Workflow name must be too
     workflow = k8s.build_workflow(
         run_id=run_id, store_prefix=cfg.store.uri, namespace=args.namespace,
         template=args.template or pipeline.template_name(), parameters=params,

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from puzzle.config import ConfigError
 from puzzle.model.config import ModelConfig, _rope_from_hf
 from puzzle.model.modeling import DeciLMForCausalLM
 from puzzle.model.variants import (
@@ -37,8 +38,8 @@ _TOKENIZER_FILES = (
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ModelLoadError(ValueError):
-    """A model directory that cannot be loaded: says which file or field and why."""
+class ModelLoadError(ConfigError):
+    """A model directory that cannot be loaded: says which file or field and why (bad input)."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
