@@ -128,44 +128,7 @@ def flops_per_token(cfg: ModelConfig, block: BlockConfig, kind: str, variant, la
     return {"parent_forward": parent, "blocks_train": trained, "total": parent + trained}
 
 
-def causal_fast_path() -> None:
-    """What-if for the model package, not used by the step: GQAttention without a cache calls SDPA with
-    ``is_causal=True`` and ``enable_gqa`` instead of a materialized (B, T, T) mask and repeated KV heads.
-
-    BLD's mask is exactly the causal one (no padding), so the result is the same (checked here on random
-    inputs before measuring); the difference is that fused kernels skip the masked half of the scores.
-    """
-    import torch.nn.functional as F
-    from puzzle.model import modeling
-
-    original = modeling.GQAttention.forward
-
-    def forward(self, x, cos, sin, mask, kv=None, cache_position=None):
-        if kv is not None:
-            return original(self, x, cos, sin, mask, kv, cache_position)
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, T, d)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + modeling._rotate_half(q) * sin
-        k = k * cos + modeling._rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-    cfg = ModelConfig(block_configs=[BlockConfig(AttentionVariant.gqa(4), FFNVariant.exact(64))], vocab_size=32,
-                      hidden_size=64, num_attention_heads=8, head_dim=8)
-    torch.manual_seed(0)
-    m = DeciLMForCausalLM(cfg)
-    h = torch.randn(2, 16, 64)
-    want = m.attn_sublayer(0, h)
-    modeling.GQAttention.forward = forward
-    torch.testing.assert_close(m.attn_sublayer(0, h), want, rtol=1e-5, atol=1e-5)
-
-
 def bench_gpu(args: argparse.Namespace) -> dict:
-    if args.causal_fast_path:
-        causal_fast_path()
     if args.smoke:  # the same code path at toy size on CPU, to check the script before spending GPU time
         shape = {**LLAMA_8B, "vocab_size": 512, "hidden_size": 128, "num_attention_heads": 8, "head_dim": 16}
         block = BlockConfig(AttentionVariant.gqa(4), FFNVariant.exact(448))
@@ -236,7 +199,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
         print(f"{name}: {tps:,.0f} tokens/s, {achieved:.0f} TFLOP/s, MFU {achieved / peak:.1%} "
               f"(peak mem {row['peak_memory_gib']:.1f} GiB, unit wall {wall:.1f} s)", file=sys.stderr)
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
-           "causal_fast_path": args.causal_fast_path, "torch": torch.__version__, "matmul_peak_tflops": peak,
+           "torch": torch.__version__, "matmul_peak_tflops": peak,
            "date": time.strftime("%Y-%m-%d"), "units": results}
     print("| variant | layers | batch x seq | tokens/s | TFLOP/s | MFU | peak GiB |")
     print("|---|---|---|---|---|---|---|")
@@ -287,8 +250,6 @@ def main() -> None:
     g.add_argument("--variants", default="attn_g8,ffn_m2.0")
     g.add_argument("--workdir", default=None)
     g.add_argument("--profile", action="store_true", help="also print the top CUDA kernels of a few steps")
-    g.add_argument("--causal-fast-path", action="store_true",
-                   help="what-if: patch GQAttention to SDPA is_causal/enable_gqa (see causal_fast_path)")
     g.add_argument("--smoke", action="store_true", help="toy shapes on CPU: check the script, measure nothing")
     g.add_argument("--out", type=Path)
     args = p.parse_args()

@@ -91,7 +91,7 @@ class GQAttention(nn.Module):
         x: torch.Tensor,  # (B, T, C)
         cos: torch.Tensor,  # (B, T, d)
         sin: torch.Tensor,  # (B, T, d)
-        mask: torch.Tensor,  # (B, T, S) bool: True = may attend
+        mask: torch.Tensor | None,  # (B, T, S) bool: True = may attend; None = plain causal, no cache
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # (B, n_kv, max_len, d) each
         cache_position: torch.Tensor | None = None,  # (T,)
     ) -> torch.Tensor:
@@ -109,10 +109,16 @@ class GQAttention(nn.Module):
             kc.index_copy_(2, cache_position, k.to(kc.dtype))
             vc.index_copy_(2, cache_position, v.to(vc.dtype))
             k, v = kc, vc  # (B, KV, S, d)
-        if self.n_heads_in_group > 1:
-            k = k.repeat_interleave(self.n_heads_in_group, dim=1)  # (B, H, S, d)
-            v = v.repeat_interleave(self.n_heads_in_group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # (B, H, T, d)
+        if mask is None:
+            # Plain causal attention (no cache, no padding): fused kernels skip the masked half and read
+            # the KV heads in place, which is most of BLD's attention time on a GPU.
+            assert kv is None, "a cached forward needs an explicit mask"
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_heads_in_group > 1)
+        else:
+            if self.n_heads_in_group > 1:
+                k = k.repeat_interleave(self.n_heads_in_group, dim=1)  # (B, H, S, d)
+                v = v.repeat_interleave(self.n_heads_in_group, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))  # (B, H, T, d)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*d)
         return self.o_proj(y)
 
@@ -256,7 +262,7 @@ class DeciLayer(nn.Module):
         h: torch.Tensor,  # (B, T, C)
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -406,8 +412,10 @@ class DeciLMForCausalLM(nn.Module):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
 
     def _mask(self, B: int, T: int, device: torch.device, attention_mask: torch.Tensor | None,
-              cache: StaticKVCache | None, cache_position: torch.Tensor | None) -> torch.Tensor:
+              cache: StaticKVCache | None, cache_position: torch.Tensor | None) -> torch.Tensor | None:
         if cache is None:
+            if attention_mask is None:
+                return None  # plain causal: GQAttention lets SDPA apply it (is_causal)
             q = torch.arange(T, device=device)
             m = (q[None, :] <= q[:, None]).expand(B, T, T)  # (B, T, T) causal
             if attention_mask is not None:
