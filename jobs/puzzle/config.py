@@ -185,7 +185,9 @@ class GKDConfig(_Strict):
     enabled: bool = False
     tokens: int = Field(50_000, ge=1)
     batch_size: int = Field(8, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate.")
+    warmup_fraction: float = Field(0.05, ge=0, le=1, description="Fraction of steps with linear warm-up, then cosine decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
     kl_weight: float = Field(1.0, ge=0)
     cosine_weight: float = Field(1.0, ge=0)
 

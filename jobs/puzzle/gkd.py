@@ -38,8 +38,6 @@ from puzzle.model import DeciLMForCausalLM
 
 # Not in GKDConfig (it has no field for them): the same schedule shape as BLD uses, which suits a
 # short fine-tune of an already-close model: a few warm-up steps, cosine decay, clipped gradients.
-WARMUP_FRACTION = 0.05
-GRAD_CLIP = 1.0
 _MAX_CURVE_POINTS = 200
 
 
@@ -85,8 +83,8 @@ def num_steps(cfg: GKDConfig, seq_len: int) -> int:
     return max(1, math.ceil(cfg.tokens / (cfg.batch_size * seq_len)))
 
 
-def _lr_factor(step: int, total: int) -> float:
-    warm = max(1, int(WARMUP_FRACTION * total))
+def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
+    warm = max(1, int(warmup_fraction * total))
     if step < warm:
         return (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
@@ -151,10 +149,10 @@ def distill(
             c_logits, c_hidden = child(ids, output_hidden_states=True)
             loss, kl, cos = gkd_loss(c_logits, c_hidden, p_logits, p_hidden, cfg.kl_weight, cfg.cosine_weight)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_factor(step, total)
+            g["lr"] = cfg.lr * _lr_factor(step, total, cfg.warmup_fraction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         point = {"step": step + 1, "loss": float(loss.detach()), "kl": kl, "cosine": cos,
                  "tokens": (step + 1) * ids.numel()}

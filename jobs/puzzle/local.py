@@ -61,6 +61,10 @@ def _worker_run(step: str, run_uri: str, unit: dict[str, Any]) -> tuple[str, str
     return ("ok", "", time.time() - started)
 
 
+#: Steps whose units time the target device; on a CPU-only machine each runs alone.
+TIMED_STEPS = frozenset({"profile", "evaluate"})
+
+
 def levels() -> list[list[pipeline.Step]]:
     """Steps grouped so every step's dependencies lie in earlier groups (bld and profile share one)."""
     depth: dict[str, int] = {}
@@ -111,25 +115,40 @@ def run_pipeline(run_uri: str, workers: int | None = None, steps: list[str] | No
             todo = [(s, u) for s in level if steps is None or s.name in steps for u in pending_units(store, s)]
             if not todo:
                 continue
+            # On a CPU-only machine, units that time the target (profile, evaluate) run alone: a unit
+            # timed while another one computes on the same cores measures the contention, not the model.
+            alone = [t for t in todo if gpus == 0 and t[0].name in TIMED_STEPS]
+            shared = [t for t in todo if t not in alone]
             names = "+".join(s.name for s in level)
             bar = tqdm(total=len(todo), desc=names, unit="unit", disable=not progress, file=sys.stderr)
-            futures = {pool.submit(_worker_run, s.name, run_uri, u): (s, u) for s, u in todo}
-            failure: UnitFailure | None = None
-            for fut in cf.as_completed(futures):
-                s, u = futures[fut]
-                try:
-                    status, message, _ = fut.result()
-                except cf.process.BrokenProcessPool:
-                    status, message = "error", "the worker process died (killed, or out of memory)"
-                if status != "ok" and failure is None:
-                    failure = UnitFailure(s.name, str(u["id"]), message, bad_input=status == "bad_input")
-                    for f in futures:
-                        f.cancel()
-                bar.update(1)
-                bar.set_postfix_str(f"{s.name}/{u['id']}")
-            bar.close()
-            if failure is not None:
-                raise failure
+            try:
+                _run_units(pool, shared, run_uri, bar)
+                for t in alone:
+                    _run_units(pool, [t], run_uri, bar)
+            finally:
+                bar.close()
+
+
+def _run_units(pool, todo, run_uri: str, bar) -> None:
+    """Run units on the pool; on the first failure cancel the rest and raise it (completed units stay done)."""
+    futures = {pool.submit(_worker_run, s.name, run_uri, u): (s, u) for s, u in todo}
+    failure: UnitFailure | None = None
+    for fut in cf.as_completed(futures):
+        s, u = futures[fut]
+        try:
+            status, message, _ = fut.result()
+        except cf.process.BrokenProcessPool:
+            status, message = "error", "the worker process died (killed, or out of memory)"
+        except cf.CancelledError:
+            continue
+        if status != "ok" and failure is None:
+            failure = UnitFailure(s.name, str(u["id"]), message, bad_input=status == "bad_input")
+            for f in futures:
+                f.cancel()
+        bar.update(1)
+        bar.set_postfix_str(f"{s.name}/{u['id']}")
+    if failure is not None:
+        raise failure
 
 
 def _gpu_count() -> int:
