@@ -40,6 +40,8 @@ class UnitFailure(Exception):
 
 
 def _worker_init(threads: int, gpu_queue) -> None:
+    # one progress bar for the whole run: the units' own bars would interleave on the same terminal
+    os.environ["TQDM_DISABLE"] = "1"
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
     import torch

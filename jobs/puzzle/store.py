@@ -149,7 +149,8 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts]) if parts else base
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a local file, read in chunks (the digest the store records with every object)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -613,7 +614,7 @@ class S3Store(Store):
         self._k(key)
         if not src.is_file():
             raise StoreError(f"{self._where(key)}: local file {str(src)!r} does not exist")
-        self._upload(key, lambda: open(src, "rb"), _sha256_file(src))  # noqa: SIM115 - _upload closes it
+        self._upload(key, lambda: open(src, "rb"), file_sha256(src))  # noqa: SIM115 - _upload closes it
 
     # --- reads --------------------------------------------------------------------------
     def _head(self, key: str) -> dict[str, Any]:
@@ -648,7 +649,7 @@ class S3Store(Store):
                         mgr.download(self._bucket, full, str(tmp)).result()
 
                 self._call(key, "get", go)
-                actual = _sha256_file(tmp)
+                actual = file_sha256(tmp)
                 if expected == actual or self._head(key).get("ETag") == head.get("ETag"):
                     break
             _verify(self._where(key), key, expected, actual)

@@ -8,10 +8,10 @@ record lists, each checked against its recorded sha256. ``DEST`` then loads with
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from puzzle.cli import UserError
+from puzzle.store import file_sha256
 
 COMPLETE = "complete.json"
 
@@ -26,13 +26,6 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="write into a DEST that is not empty")
     p.set_defaults(func=_main)
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def open_run(run_uri: str):
@@ -74,7 +67,7 @@ def fetch_child(store, solution: str, dest: Path, force: bool = False) -> list[P
     out = []
     for name, meta in sorted(files.items()):
         path = store.get_file(f"{prefix}/{name}", dest / name)
-        if _sha256(path) != meta["sha256"]:
+        if file_sha256(path) != meta["sha256"]:
             raise UserError(
                 f"{prefix}/{name}: its sha256 differs from the one {COMPLETE} recorded; the child was changed after "
                 "assembly (run `puzzle step assemble --force` for it)"

@@ -21,11 +21,9 @@ any half-written child first. Metrics: ``puzzle_gkd_loss``, ``puzzle_gkd_kl``, `
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 from puzzle.context import StepContext, UnitError
@@ -41,6 +39,7 @@ from puzzle.model import (
     load_parent,
     save_pretrained,
 )
+from puzzle.store import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +96,6 @@ def build_child(parent: DeciLMForCausalLM, blocks: list[tuple[AttentionVariant, 
     parent.current_config()
     return parent
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def run(ctx: StepContext) -> None:
@@ -173,7 +165,7 @@ def run(ctx: StepContext) -> None:
         ctx.store.delete(key)
     keys = ctx.store.upload_dir(prefix, out)
     params = sum(p.numel() for p in child.parameters())
-    files = {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(out.rglob("*")) if p.is_file()}
     ctx.store.put_json(done, {
         "unit": unit, "id": ctx.unit_id, "kind": kind,
