@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from puzzle.config import ConfigError, load_config_text
 from puzzle.context import create_run, done_key, run_step
 from puzzle.data.shards import batch_indices, load_tokens, sequences

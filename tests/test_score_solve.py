@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from puzzle.config import ConfigError, load_config_text
 from puzzle.context import UnitError, create_run, run_step
 from puzzle.data.shards import load_tokens, sequences
@@ -66,7 +65,7 @@ def test_every_layer_and_variant_is_scored(scored_run):
 
 def test_score_equals_a_full_forward_of_the_swapped_model(scored_run):
     """The cached-prefix computation must give exactly what a whole child model gives."""
-    run, store, cfg, parent_dir = scored_run
+    _run, store, cfg, parent_dir = scored_run
     parent = load_parent(parent_dir).eval()
     child = load_parent(parent_dir).eval()
     Library.for_run(store, cfg).apply(child, 1, "attn_linear")
@@ -89,7 +88,7 @@ def _selection(rec):
 
 
 def test_solve_returns_optimal_diverse_constraint_respecting_children(scored_run):
-    run, store, cfg, _ = scored_run
+    run, store, _, _ = scored_run
     run_step("solve", run, {"id": "all"}, force=True)
     sols = store.get_json("solve/solutions.json")
     assert 1 <= len(sols) <= 3
@@ -116,7 +115,7 @@ def test_solve_returns_optimal_diverse_constraint_respecting_children(scored_run
 
 
 def test_infeasible_throughput_names_the_best_achievable(scored_run, tmp_path):
-    run, store, cfg, _ = scored_run
+    run, store, _, _ = scored_run
     text = store.get_text("config.yaml").replace("min_speedup: 1.2", "min_speedup: 1000")
     from puzzle.store import open_store as _open
 

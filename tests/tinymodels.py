@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-WORDS = (
-    "source target walk look run jump turn left right opposite around twice thrice and after "
-    "I_WALK I_LOOK I_RUN I_JUMP I_TURN_LEFT I_TURN_RIGHT : the a of to in is it that"
-).split()
+WORDS = [
+    "source", "target", "walk", "look", "run", "jump", "turn", "left", "right", "opposite", "around",
+    "twice", "thrice", "and", "after", "I_WALK", "I_LOOK", "I_RUN", "I_JUMP", "I_TURN_LEFT", "I_TURN_RIGHT",
+    ":", "the", "a", "of", "to", "in", "is", "it", "that",
+]
 
 
 def make_tokenizer(out: Path) -> int:

@@ -87,8 +87,8 @@ def write_shards(store, prefix: str, tokens: np.ndarray, shard_tokens: int, sour
         part = np.ascontiguousarray(tokens[start : start + shard_tokens])
         key = f"{prefix}/shard-{i:05d}.safetensors"
         store.put_bytes(key, st_save_np({"tokens": part}))
-        shards.append({"key": key, "tokens": int(len(part))})
-    manifest = {"tokens": int(len(tokens)), "shards": shards, "source": source}
+        shards.append({"key": key, "tokens": len(part)})
+    manifest = {"tokens": len(tokens), "shards": shards, "source": source}
     store.put_json(f"{prefix}/manifest.json", manifest)
     return manifest
 
