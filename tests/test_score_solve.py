@@ -128,3 +128,43 @@ def test_infeasible_throughput_names_the_best_achievable(scored_run, tmp_path):
     with pytest.raises(ConfigError, match=r"speedup over the parent on cpu >= 1000.*infeasible; the best child .* reaches [0-9.]+x"):
         run_step("solve", bad, {"id": "all"})
     assert not other.exists("plan/assemble.json")
+
+
+def test_task_accuracy_drop_matches_an_independently_built_child(tmp_path):
+    """score.task_examples: the drop equals parent accuracy minus that of a child built by hand."""
+    from pathlib import Path
+
+    from puzzle.evaluation import DeciTextGenerator, task_accuracy
+    from puzzle.model import AttentionVariant
+
+    repo = Path(__file__).resolve().parents[1]
+    parent = repo / "examples/tiny/parent"
+    text = f"""
+name: t
+parent: {{uri: {parent}}}
+data: {{distillation_uri: {repo}/examples/tiny/data/valid.txt, validation_uri: {repo}/examples/tiny/data/valid.txt,
+        seq_len: 64, distillation_tokens: 4096, validation_tokens: 4096}}
+search_space:
+  attention: {{n_heads_in_group: [2], replace_with_linear: false}}
+  ffn: {{ffn_mult: [], replace_with_linear: false}}
+bld: {{layers_per_unit: 6, tokens: 64, batch_size: 1, eval_tokens: 64, calibration_tokens: 64}}
+score: {{tokens: 128, batch_size: 8, layers_per_unit: 1, task_examples: 8, metric: task_accuracy}}
+profile: {{scenarios: [{{name: cpu, batch_size: 1, input_len: 8, output_len: 8}}]}}
+store: {{uri: "file://{tmp_path}/runs"}}
+"""
+    cfg = load_config_text(text)
+    run = create_run(cfg, text)
+    run_step("prepare", run, {"id": "all"})
+    store = open_store(run)
+    for u in store.get_json("plan/bld.json"):  # no-op blocks only: nothing to train
+        run_step("bld", run, u)
+    run_step("score", run, {"id": "s5", "layers": [5, 6]})
+    model = load_parent(parent).eval()
+    gen = DeciTextGenerator(model, parent, batch_size=8)
+    base = task_accuracy(gen, 8, seed=0)["accuracy"]
+    only_attn = load_parent(parent).eval()
+    only_attn.set_attention(5, AttentionVariant.noop(), None)
+    got = task_accuracy(DeciTextGenerator(only_attn, parent, batch_size=8), 8, seed=0)["accuracy"]
+    rec = store.get_json("scores/005/attn_noop.json")
+    assert rec["task_accuracy_drop"] == pytest.approx(base - got)
+    assert store.get_json("scores/005/attn_g2.json")["task_accuracy_drop"] == 0.0

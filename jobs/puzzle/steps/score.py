@@ -125,6 +125,7 @@ def run(ctx: StepContext) -> None:
             bar.update(len(ids))
     bar.close()
     n_pred = tokens - n_seq  # next-token targets: T - 1 per sequence
+    task_drop = _task_accuracy_drops(ctx, parent, blocks) if cfg.score.task_examples > 0 else {}
     seconds = time.time() - started
     for layer in range(a, b):
         for kind, names in (("attention", [parent_names[layer][0]]), ("ffn", [parent_names[layer][1]])):
@@ -132,19 +133,41 @@ def run(ctx: StepContext) -> None:
                 continue
             for name in names:
                 _write(ctx, layer, kind, name, kl=0.0, lm_loss_delta=0.0, cosine_distance=0.0, tokens=tokens,
-                       parent=True)
+                       parent=True, **({"task_accuracy_drop": 0.0} if task_drop else {}))
         if cfg.bld.mode == "coupled":
             _write(ctx, layer, "block", "+".join(parent_names[layer]), kl=0.0, lm_loss_delta=0.0,
-                   cosine_distance=0.0, tokens=tokens, parent=True)
+                   cosine_distance=0.0, tokens=tokens, parent=True,
+                   **({"task_accuracy_drop": 0.0} if task_drop else {}))
         ctx.store.put_json(f"scores/similarity/{layer:03d}.json",
                            {"layer": layer, "cosine_similarity": sim[layer] / tokens, "tokens": tokens})
     for (layer, kind, name), acc in sums.items():
         _write(ctx, layer, kind, name, kl=acc["kl"] / tokens, lm_loss_delta=(acc["ce"] - parent_ce) / n_pred,
-               cosine_distance=acc["cos"] / tokens, tokens=tokens, parent=False)
+               cosine_distance=acc["cos"] / tokens, tokens=tokens, parent=False,
+               **({"task_accuracy_drop": task_drop[(layer, kind, name)]} if task_drop else {}))
         ctx.metrics.set("score_kl", acc["kl"] / tokens, help="Replace-1-block KL divergence (nats/token)",
                         layer=str(layer), variant=name)
     ctx.metrics.set("score_seconds", seconds, help="Seconds spent scoring the unit")
     log.info("scored %d blocks on %d tokens in %.1fs", len(blocks), tokens, seconds)
+
+
+def _task_accuracy_drops(ctx: StepContext, parent: DeciLMForCausalLM, blocks: dict) -> dict:
+    """Parent task exact match minus the swapped model's, per (layer, kind, variant) (score.task_examples)."""
+    from puzzle.evaluation import DeciTextGenerator, task_accuracy
+
+    n, seed = ctx.config.score.task_examples, ctx.config.seed
+    gen = DeciTextGenerator(parent, ctx.parent_dir(), batch_size=ctx.config.score.batch_size)
+    with torch.no_grad():
+        base = task_accuracy(gen, n, seed=seed)["accuracy"]
+        drops = {}
+        for key, state in blocks.items():
+            layer = key[0]
+            original = _state(parent, layer)
+            _swap(parent, layer, state)
+            parent.current_config()  # the KV cache is sized from the config: it must match the swapped block
+            drops[key] = base - task_accuracy(gen, n, seed=seed)["accuracy"]
+            _swap(parent, layer, original)
+            parent.current_config()
+    return drops
 
 
 def _write(ctx: StepContext, layer: int, kind: str, name: str, *, parent: bool, **figures) -> None:
