@@ -66,7 +66,6 @@ _DIGEST_CHARS = 24  # 96 bits of sha256: collision-free for any realistic number
 _CHUNK = 1 << 22
 # BLD fields that do not change a block's weights (how units are cut and how often they checkpoint)
 _NOT_HASHED = ("layers_per_unit", "checkpoint_every")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LibraryError(KeyError):
@@ -283,12 +282,6 @@ class Library:
         return self.store.child(f"checkpoints/{unit_id}")
 
 
-def dtype_of(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"dtype: {name!r} is not allowed; allowed: {list(_DTYPES)}")
-    return _DTYPES[name]
-
-
 __all__ = [
     "FORMAT_VERSION",
     "LIBRARY_PREFIX",
@@ -297,7 +290,6 @@ __all__ = [
     "LibraryError",
     "data_sha256",
     "digest_of",
-    "dtype_of",
     "hyperparameters",
     "library_key",
     "parent_weights_sha256",

@@ -38,6 +38,13 @@ _TOKENIZER_FILES = (
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config dtype name ("float32", "bfloat16", "float16")."""
+    if name not in _DTYPES:
+        raise ValueError(f"dtype: {name!r} is not allowed; allowed: {list(_DTYPES)}")
+    return _DTYPES[name]
+
+
 class ModelLoadError(ConfigError):
     """A model directory that cannot be loaded: says which file or field and why (bad input)."""
 
@@ -206,9 +213,7 @@ def _load_weights(model: DeciLMForCausalLM, sd: dict[str, torch.Tensor], source:
 
 def _finish(model: DeciLMForCausalLM, dtype: torch.dtype | str | None, device: str | torch.device) -> DeciLMForCausalLM:
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype: {dtype!r} is not allowed; allowed: {list(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+        dtype = torch_dtype(dtype)
     if dtype is not None:
         model.to(dtype)
     model.to(device)

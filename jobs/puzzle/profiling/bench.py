@@ -28,11 +28,10 @@ import torch
 
 from puzzle.config import Scenario
 from puzzle.model import DeciLMForCausalLM, load_parent, model_counts
+from puzzle.model.io import torch_dtype
 from puzzle.profiling.engine import InferenceEngine, decode_contexts
 from puzzle.profiling.profiler import device_name, target_device
 from puzzle.profiling.timing import summarize, synchronize
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class DeviceAbsentError(RuntimeError):
@@ -69,7 +68,7 @@ class Measurement:
 
 
 def _prepare(model: DeciLMForCausalLM | str | Path, scenario: Scenario, device: torch.device) -> DeciLMForCausalLM:
-    dtype = _DTYPES[scenario.dtype]
+    dtype = torch_dtype(scenario.dtype)
     if isinstance(model, (str, Path)):
         return load_parent(model, dtype=dtype, device=device)
     p = next(model.parameters())

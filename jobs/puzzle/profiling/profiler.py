@@ -37,6 +37,7 @@ from puzzle.model import (
     variant_from_name,
 )
 from puzzle.model.counts import Counts
+from puzzle.model.io import torch_dtype
 from puzzle.model.modeling import RMSNorm, rope_inv_freq
 from puzzle.profiling.engine import (
     AttnBlock,
@@ -52,7 +53,6 @@ from puzzle.profiling.engine import (
 from puzzle.profiling.roofline import estimate_costs
 from puzzle.profiling.timing import time_callable
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Replicas stop when their weights and caches exceed this (bytes), or at the parent's layer count.
 _REPLICA_BYTES = 2 * 2**30
 
@@ -220,7 +220,7 @@ def measure_unit(cfg: ModelConfig, kind: str, variant: Any, scenario: Scenario, 
                  device: torch.device, points: list[int], seed: int = 0) -> dict[str, Any]:
     """Time prefill and the decode steps at ``points`` of one variant on ``device``."""
     torch.manual_seed(seed)
-    dtype = _DTYPES[scenario.dtype]
+    dtype = torch_dtype(scenario.dtype)
     B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
     max_len = T + O
     C = cfg.hidden_size

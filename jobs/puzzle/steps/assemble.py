@@ -29,7 +29,7 @@ from typing import Any
 from puzzle.context import StepContext, UnitError
 from puzzle.data.shards import load_tokens, sequences
 from puzzle.evaluation import verify_parent
-from puzzle.library import Library, LibraryError, dtype_of
+from puzzle.library import Library, LibraryError
 from puzzle.model import (
     AttentionVariant,
     DeciLMForCausalLM,
@@ -39,6 +39,7 @@ from puzzle.model import (
     load_parent,
     save_pretrained,
 )
+from puzzle.model.io import torch_dtype
 from puzzle.store import file_sha256
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def run(ctx: StepContext) -> None:
         return
     started = time.time()
     device = ctx.device()
-    dtype = dtype_of(cfg.parent.dtype)
+    dtype = torch_dtype(cfg.parent.dtype)
     parent_dir = ctx.parent_dir()
     verify_parent(ctx.store, parent_dir)
     child = load_parent(parent_dir, dtype=dtype, device=device)

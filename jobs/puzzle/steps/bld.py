@@ -52,7 +52,7 @@ from tqdm import tqdm
 from puzzle.config import PuzzleConfig
 from puzzle.context import StepContext, UnitError
 from puzzle.data.shards import batch_indices, load_tokens, sequences
-from puzzle.library import Library, dtype_of, parse_variants
+from puzzle.library import Library, parse_variants
 from puzzle.model import (
     AttentionVariant,
     DeciLMForCausalLM,
@@ -65,7 +65,7 @@ from puzzle.model import (
     init_ffn,
     load_parent,
 )
-from puzzle.model.io import parent_model_config
+from puzzle.model.io import parent_model_config, torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -476,7 +476,7 @@ def run(ctx: StepContext) -> None:
 
     device = ctx.device()
     started = time.perf_counter()
-    parent = load_parent(parent_dir, dtype=dtype_of(config.parent.dtype), device=device)
+    parent = load_parent(parent_dir, dtype=torch_dtype(config.parent.dtype), device=device)
     parent.requires_grad_(False)
     seq_len = config.data.seq_len
     train_seqs = sequences(load_tokens(ctx.store, "data/distillation"), seq_len)
@@ -552,7 +552,7 @@ def run(ctx: StepContext) -> None:
             "created_at": _dt.datetime.now(_dt.UTC).isoformat(),
         }
         weights = s.init_state if kept_initial else s.block.state_dict()
-        sd = {k: v.to(dtype_of(config.parent.dtype)) for k, v in weights.items()}
+        sd = {k: v.to(torch_dtype(config.parent.dtype)) for k, v in weights.items()}
         lib.save_block(s.layer, unit.variant, sd, meta)
         _metrics(ctx, s.layer, unit.variant, meta, reused=False)
     for key in ckpt.list():

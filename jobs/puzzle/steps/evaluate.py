@@ -36,8 +36,8 @@ from puzzle.evaluation import (
     throughput_figures,
     verify_parent,
 )
-from puzzle.library import dtype_of
 from puzzle.model import load_parent, load_pretrained
+from puzzle.model.io import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def run(ctx: StepContext) -> None:
         raise UnitError(f"child/{uid} is not complete (no {complete}); run `puzzle step assemble` for this unit first")
     record = ctx.store.get_json(complete)
     device = ctx.device()
-    dtype = dtype_of(cfg.parent.dtype)
+    dtype = torch_dtype(cfg.parent.dtype)
     child_dir = ctx.scratch / "child"
     keys = [k for k in ctx.store.list(f"child/{uid}") if not k.endswith(COMPLETE)]
     for k in keys:

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from puzzle.context import StepContext, UnitError
 from puzzle.data.shards import load_tokens, sequences
-from puzzle.library import Library, dtype_of, parse_variants
+from puzzle.library import Library, parse_variants
 from puzzle.model import AttentionVariant, DeciLMForCausalLM, load_parent
+from puzzle.model.io import torch_dtype
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def run(ctx: StepContext) -> None:
     cfg = ctx.config
     a, b = ctx.unit.get("layers", [None, None])
     device = ctx.device()
-    dtype = dtype_of(cfg.parent.dtype)
+    dtype = torch_dtype(cfg.parent.dtype)
     parent = load_parent(ctx.parent_dir(), dtype=dtype, device=device).eval()
     n = len(parent.model.layers)
     if not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b <= n):
