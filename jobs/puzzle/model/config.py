@@ -130,22 +130,13 @@ class ModelConfig:
                 parsed.append(block_config_from_json(b, i, d["hidden_size"], d["num_attention_heads"]))
             except BlockConfigError as e:
                 raise BlockConfigError(f"{source}: {e}") from None
-        theta, scaling = _rope_from_hf(d)
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
             num_attention_heads=d["num_attention_heads"],
             block_configs=parsed,
             head_dim=d.get("head_dim"),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"),
-            torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+            **hf_common_fields(d, rms_norm_eps_default=1e-5),
         )
 
     @classmethod
@@ -156,3 +147,20 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise BlockConfigError(f"{p}: not valid JSON: {e}") from None
         return cls.from_dict(d, str(p))
+
+
+def hf_common_fields(d: dict[str, Any], rms_norm_eps_default: float) -> dict[str, Any]:
+    """The ModelConfig fields a Hugging Face config.json spells the same way for Llama-family parents
+    and nemotron-nas children (norm, RoPE, positions, embeddings tying, special tokens, dtype)."""
+    theta, scaling = _rope_from_hf(d)
+    return {
+        "rms_norm_eps": float(d.get("rms_norm_eps", rms_norm_eps_default)),
+        "rope_theta": theta,
+        "rope_scaling": scaling,
+        "max_position_embeddings": int(d.get("max_position_embeddings", 2048)),
+        "tie_word_embeddings": bool(d.get("tie_word_embeddings", False)),
+        "bos_token_id": d.get("bos_token_id"),
+        "eos_token_id": d.get("eos_token_id"),
+        "pad_token_id": d.get("pad_token_id"),
+        "torch_dtype": str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+    }

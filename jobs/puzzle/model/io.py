@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from puzzle.config import ConfigError
-from puzzle.model.config import ModelConfig, _rope_from_hf
+from puzzle.model.config import ModelConfig, hf_common_fields
 from puzzle.model.modeling import DeciLMForCausalLM
 from puzzle.model.variants import (
     AttentionVariant,
@@ -267,7 +267,7 @@ def parent_model_config(d: dict[str, Any], source: str) -> ModelConfig:
     if nh % nkv:
         raise ModelLoadError(f"{source}: num_key_value_heads {nkv} does not divide num_attention_heads {nh}")
     try:
-        theta, scaling = _rope_from_hf(d)
+        common = hf_common_fields(d, rms_norm_eps_default=1e-6)
     except BlockConfigError as e:
         raise ModelLoadError(f"{source}: {e}") from None
     block = BlockConfig(AttentionVariant.gqa(nh // nkv), FFNVariant.exact(d["intermediate_size"]))
@@ -277,15 +277,7 @@ def parent_model_config(d: dict[str, Any], source: str) -> ModelConfig:
         num_attention_heads=nh,
         block_configs=[block] * d["num_hidden_layers"],
         head_dim=d.get("head_dim") or h // nh,
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id"),
-        pad_token_id=d.get("pad_token_id"),
-        torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+        **common,
     )
 
 
