@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from puzzle.config import ConfigError, load_config_text
+from puzzle.config import load_config_text
 from puzzle.context import UnitError, create_run, run_step
 from puzzle.data.shards import load_tokens, sequences
+from puzzle.errors import BadInputError
 from puzzle.library import Library
 from puzzle.model import load_parent
 from puzzle.store import open_store
@@ -125,7 +126,7 @@ def test_infeasible_throughput_names_the_best_achievable(scored_run, tmp_path):
         if not key.startswith(("done/", "metrics/", "solve/", "plan/assemble")):
             other.put_bytes(key, store.get_bytes(key))
     other.put_text("config.yaml", text)
-    with pytest.raises(ConfigError, match=r"speedup over the parent on cpu >= 1000.*infeasible; the best child .* reaches [0-9.]+x"):
+    with pytest.raises(BadInputError, match=r"speedup over the parent on cpu >= 1000.*infeasible; the best child .* reaches [0-9.]+x"):
         run_step("solve", bad, {"id": "all"})
     assert not other.exists("plan/assemble.json")
 

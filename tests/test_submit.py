@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 from puzzle import k8s, pipeline
-from puzzle.cli import UserError, main
+from puzzle.cli import main
+from puzzle.errors import UserError
 from puzzle.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,14 +13,7 @@ import pkgutil
 import sys
 
 from puzzle import __version__, commands
-from puzzle.config import ConfigError
-from puzzle.store import CredentialsError, InvalidKeyError, StoreError
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, InvalidKeyError, CredentialsError)
-
-
-class UserError(Exception):
-    """Bad input from the user; printed without a traceback, exit status 2."""
+from puzzle.errors import PuzzleError, exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,13 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UserError, *USER_ERRORS) as err:
+    except PuzzleError as err:
+        # bad input exits 2; storage trouble after its retries exits 1, so Argo retries the pod
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    except StoreError as err:
-        # storage trouble (after retries) is not bad input: exit 1 so Argo retries the pod
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return exit_code(err)
 
 
 if __name__ == "__main__":

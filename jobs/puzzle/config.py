@@ -16,11 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from puzzle.errors import ConfigError
+
 DType = Literal["float32", "bfloat16", "float16"]
-
-
-class ConfigError(ValueError):
-    """A configuration problem a user can act on: names the field, the value and what is allowed."""
 
 
 class _Strict(BaseModel):

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from puzzle import pipeline
-from puzzle.config import ConfigError, PuzzleConfig, load_config_text
+from puzzle.config import PuzzleConfig, load_config_text
+from puzzle.errors import ConfigError, UnitError
 from puzzle.metrics import StepMetrics
-from puzzle.store import CredentialsError, InvalidKeyError, Store, join_uri, open_store
+from puzzle.store import Store, join_uri, open_store
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,7 @@ UNIT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 
-class UnitError(ValueError):
-    """A unit that cannot be run as given (unknown variant, layer out of range, ...): bad input, exit 2."""
-
-
-# Failures a retry cannot fix: `puzzle step` exits 2 (Argo does not retry) and `puzzle run` stops.
-BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (UnitError, ConfigError, InvalidKeyError, CredentialsError)
+__all__ = ["UnitError"]  # re-exported: steps raise it through their context
 
 
 def new_run_id(name: str) -> str:

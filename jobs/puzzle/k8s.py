@@ -47,7 +47,7 @@ def build_workflow(
     Its name is the run id, so a run can't be submitted twice and ``argo get RUN_ID`` finds it.
     ``parameters`` override template defaults (image, gpu-count, ...); unknown names are rejected.
     """
-    from puzzle.cli import UserError
+    from puzzle.errors import UserError
 
     extra = dict(parameters or {})
     unknown = sorted(set(extra) - set(pipeline.WORKFLOW_PARAMETERS))

@@ -51,15 +51,15 @@ def _worker_init(threads: int, gpu_queue) -> None:
 
 
 def _worker_run(step: str, run_uri: str, unit: dict[str, Any]) -> tuple[str, str, float]:
-    from puzzle.context import BAD_INPUT_ERRORS, run_step
+    from puzzle.context import run_step
+    from puzzle.errors import is_bad_input
 
     started = time.time()
     try:
         run_step(step, run_uri, unit)
-    except BAD_INPUT_ERRORS as err:
-        return ("bad_input", f"{type(err).__name__}: {err}", time.time() - started)
     except Exception as err:  # noqa: BLE001 - reported to the parent with the unit named
-        return ("error", f"{type(err).__name__}: {err}", time.time() - started)
+        kind = "bad_input" if is_bad_input(err) else "error"
+        return (kind, f"{type(err).__name__}: {err}", time.time() - started)
     return ("ok", "", time.time() - started)
 
 

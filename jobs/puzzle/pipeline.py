@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from puzzle import __version__
+from puzzle.errors import EXIT_BAD_INPUT
 
 #: Where steps that produce fan-out lists write them for Argo's output parameters (an emptyDir).
 OUTPUTS_DIR = "/tmp/outputs"
@@ -27,8 +28,6 @@ OUTPUTS_DIR = "/tmp/outputs"
 MAIN_CONTAINER = "main"
 #: ConfigMap key of the semaphore that caps concurrent GPU pods (the chart creates the ConfigMap).
 GPU_SEMAPHORE_KEY = "gpu-pods"
-#: Exit status a step uses for bad input: retrying cannot help, so the retryStrategy skips it.
-BAD_INPUT_EXIT_CODE = 2
 
 
 @dataclass(frozen=True)
@@ -225,7 +224,7 @@ RUN_URI = "{{workflow.parameters.store-prefix}}/{{workflow.parameters.run-id}}"
 RETRY_LIMIT = 3
 # Retry failures and errors (OOM 137, evictions, node loss) but never bad input (exit 2). A string
 # comparison, not asInt(): an attempt killed before its container started has no integer exit code.
-RETRY_EXPRESSION = f'lastRetry.exitCode != "{BAD_INPUT_EXIT_CODE}"'
+RETRY_EXPRESSION = f'lastRetry.exitCode != "{EXIT_BAD_INPUT}"'
 
 
 def _p(name: str) -> str:

@@ -44,7 +44,8 @@ from typing import Any, Literal
 import cffi
 import mip
 
-from puzzle.config import ConfigError, Scenario, SolveConfig
+from puzzle.config import Scenario, SolveConfig
+from puzzle.errors import BadInputError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class ProblemError(ValueError):
     """The problem handed to the solver is malformed (names the field, the value, what is allowed)."""
 
 
-class InfeasibleError(ConfigError):
+class InfeasibleError(BadInputError):
     """No child meets the constraints. ``violations`` holds, per violated constraint, the best
     value reachable under the other constraints (or, where those are infeasible among themselves,
     under no other constraint)."""
@@ -80,7 +81,7 @@ class InfeasibleError(ConfigError):
         self.violations = list(violations)
 
 
-class SolverTimeLimitError(ConfigError):
+class SolverTimeLimitError(BadInputError):
     """CBC hit the time limit before it found any feasible child."""
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from puzzle.config import StoreConfig
+from puzzle.errors import BadInputError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +53,16 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _SHA_META = "sha256"  # S3 user metadata key (sent as x-amz-meta-sha256)
 
 
-class StoreError(Exception):
-    """Any artifact-store failure; the message names the store URI and the key."""
+class StoreError(TransientError):
+    """Any artifact-store failure; the message names the store URI and the key. Exit 1 (retried)
+    unless it is also bad input (an invalid key, refused credentials)."""
 
 
-class InvalidKeyError(StoreError, ValueError):
-    """A key (or URI) breaks a naming rule; the message names the key and the rule."""
+class InvalidKeyError(StoreError, BadInputError):
+    """A key (or URI) breaks a naming rule; the message names the key and the rule (bad input)."""
 
 
-class CredentialsError(StoreError):
+class CredentialsError(StoreError, BadInputError):
     """The S3 credentials are missing, refused or lack permission: retrying cannot help (bad input)."""
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from puzzle.cli import UserError
 from puzzle.config import Scenario, format_validation_error, load_config
+from puzzle.errors import UserError
 
 
 def register(sub) -> None:

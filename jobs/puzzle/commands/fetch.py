@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from puzzle.cli import UserError
+from puzzle.errors import UserError
 from puzzle.store import file_sha256
 
 COMPLETE = "complete.json"

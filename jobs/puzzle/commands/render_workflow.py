@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from puzzle.cli import UserError
+from puzzle.errors import UserError
 
 DEFAULT_OUT = Path("k8s/workflowtemplate.yaml")
 DEFAULT_CHART_COPY = Path("charts/puzzle/files/workflowtemplate.yaml")

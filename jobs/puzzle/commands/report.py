@@ -12,7 +12,7 @@ import tempfile
 import webbrowser
 from pathlib import Path
 
-from puzzle.cli import UserError
+from puzzle.errors import UserError
 
 
 def register(sub) -> None:

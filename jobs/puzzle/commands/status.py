@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from puzzle.cli import UserError
+from puzzle.errors import UserError
 
 
 def register(sub) -> None:

@@ -6,40 +6,12 @@ processes. Exit status: 0 done (or already done), 2 bad input (Argo does not ret
 
 from __future__ import annotations
 
-import errno
 import logging
 import sys
 from pathlib import Path
 
-from puzzle.context import BAD_INPUT_ERRORS, STEP_NAMES, UnitError, parse_unit, run_step
-from puzzle.store import StoreError
-
-# Disk full, quota exceeded, or the file-size limit (RLIMIT_FSIZE) reached: retrying on the same
-# node fails the same way, so the message says what to give the pod.
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-# torch's CPU allocator reports exhausted memory as a RuntimeError with this text, not MemoryError
-_CPU_OOM = "DefaultCPUAllocator: can't allocate memory"
-# the config field that sets each step's memory-hungry batch
-_BATCH_FIELD = {"bld": "bld.batch_size", "score": "score.batch_size", "assemble": "assemble.gkd.batch_size",
-                "profile": "profile.scenarios[].batch_size", "evaluate": "score.batch_size"}
-
-
-def _causes(err: BaseException):
-    """``err`` and the exceptions it was raised from (the store wraps OSErrors in StoreError)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def _is_oom(err: BaseException) -> bool:
-    return any(isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
-               or (isinstance(e, RuntimeError) and _CPU_OOM in str(e)) for e in _causes(err))
-
-
-def _no_space(err: BaseException) -> OSError | None:
-    return next((e for e in _causes(err) if isinstance(e, OSError) and e.errno in _NO_SPACE), None)
+from puzzle.context import STEP_NAMES, parse_unit, run_step
+from puzzle.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInputError, PuzzleError, describe_failure, exit_code
 
 log = logging.getLogger(__name__)
 
@@ -58,31 +30,21 @@ def register(sub) -> None:
 def _main(args) -> int:
     try:
         unit = parse_unit(args.unit)
-    except UnitError as err:
+    except BadInputError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
     try:
         ran = run_step(args.name, args.run, unit, outputs_dir=args.outputs, force=args.force)
-    except BAD_INPUT_ERRORS as err:
-        print(f"error: step {args.name}, unit {unit['id']}: {err}", file=sys.stderr)
-        return 2
     except Exception as err:
-        if _is_oom(err):
-            knob = _BATCH_FIELD.get(args.name, "the step's batch_size")
-            print(f"error: step {args.name}, unit {unit['id']}: out of memory ({str(err)[:300]}); "
-                  f"lower the step's batch_size in the config ({knob})", file=sys.stderr)
-            return 1
-        full = _no_space(err)
-        if full is not None:
-            where = str(err) if isinstance(err, StoreError) else (full.filename or "")
-            print(f"error: step {args.name}, unit {unit['id']}: no space left on device "
-                  f"({errno.errorcode.get(full.errno, full.errno)}: {where}); "
-                  "free disk space or give the pod a larger scratch volume, then retry", file=sys.stderr)
-            return 1
-        if isinstance(err, StoreError):
-            print(f"error: step {args.name}, unit {unit['id']}: {err}", file=sys.stderr)
-            return 1
+        where = f"step {args.name}, unit {unit['id']}"
+        described = describe_failure(err, args.name)
+        if described is not None:
+            print(f"error: {where}: {described}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(err, PuzzleError):
+            print(f"error: {where}: {err}", file=sys.stderr)
+            return exit_code(err)
         raise
     if not ran:
         print(f"{args.name}/{unit['id']}: already complete")

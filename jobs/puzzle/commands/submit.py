@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from puzzle.cli import UserError
+from puzzle.errors import UserError
 
 
 def register(sub) -> None:

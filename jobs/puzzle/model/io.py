@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from puzzle.config import ConfigError
+from puzzle.errors import ConfigError
 from puzzle.model.config import ModelConfig, hf_common_fields
 from puzzle.model.modeling import DeciLMForCausalLM
 from puzzle.model.variants import (

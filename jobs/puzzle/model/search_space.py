@@ -6,7 +6,8 @@ attention variants and a list of FFN variants, each with a stable ``.name`` for 
 
 from __future__ import annotations
 
-from puzzle.config import ConfigError, SearchSpaceConfig
+from puzzle.config import SearchSpaceConfig
+from puzzle.errors import ConfigError
 from puzzle.model.config import ModelConfig
 from puzzle.model.variants import AttentionVariant, FFNVariant, vllm_intermediate_size
 

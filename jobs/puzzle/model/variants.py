@@ -20,12 +20,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from puzzle.errors import BadInputError
+
 # Rounding more coarse than this (relative growth) is replaced by an explicit, finer intermediate size.
 _MAX_ROUNDING_GROWTH = 0.25
 _FINE_MULTIPLE = 8
 
 
-class BlockConfigError(ValueError):
+class BlockConfigError(BadInputError):
     """A malformed block config: names the layer, the field, the value and what is allowed."""
 
 
