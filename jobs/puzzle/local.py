@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from puzzle import pipeline
 from puzzle.config import PuzzleConfig
-from puzzle.context import CONFIG_KEY, done_key, load_run_config, run_id_of
-from puzzle.store import open_store
+from puzzle.run import done_ids, open_run, plan_units
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,11 @@ def levels() -> list[list[pipeline.Step]]:
 
 
 def pending_units(store, step: pipeline.Step) -> list[dict[str, Any]]:
-    units = [{"id": "all"}] if step.fan_out is None else store.get_json(f"plan/{step.fan_out}.json")
-    return [u for u in units if not store.exists(done_key(step.name, str(u["id"])))]
+    units = plan_units(store, step.fan_out)
+    if units is None:
+        raise RuntimeError(f"plan list {step.fan_out!r} of step {step.name!r} is missing although its producer ran")
+    done = done_ids(store, step.name)
+    return [u for u in units if str(u["id"]) not in done]
 
 
 def default_workers() -> int:
@@ -97,10 +99,8 @@ def default_workers() -> int:
 def run_pipeline(run_uri: str, workers: int | None = None, steps: list[str] | None = None,
                  progress: bool = True) -> None:
     """Run (or resume) every pending unit of the run at ``run_uri``. Raises UnitFailure on the first failure."""
-    run_id_of(run_uri)
-    store = open_store(run_uri)
-    config = load_run_config(store, run_uri)
-    store = open_store(run_uri, config.store)
+    run = open_run(run_uri)
+    store = run.store
     workers = workers or default_workers()
     gpus = _gpu_count()
     threads = max(1, (os.cpu_count() or 1) // workers) if gpus == 0 else max(1, (os.cpu_count() or 1) // gpus)
@@ -172,4 +172,4 @@ def describe(config: PuzzleConfig) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CONFIG_KEY", "UnitFailure", "describe", "run_pipeline"]
+__all__ = ["UnitFailure", "describe", "run_pipeline"]

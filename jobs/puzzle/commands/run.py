@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from puzzle.config import load_config
-from puzzle.context import create_run
+from puzzle.run import create_run
 
 
 def register(sub) -> None:
@@ -21,7 +21,9 @@ def register(sub) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: one per GPU, else 2 on CPU)")
     p.add_argument("--run-id", default=None, help="use this run id instead of a fresh one")
-    p.add_argument("--dry-run", action="store_true", help="validate the config and print the plan only")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config against the parent and print the plan (units, memory per unit, "
+                        "estimated GPU hours per step) only")
     p.add_argument("--steps", default=None, metavar="NAMES",
                    help="run only these steps, comma-separated (e.g. prepare,bld); later ones stay pending")
     p.set_defaults(func=_main)
@@ -43,9 +45,20 @@ def _main(args) -> int:
             print(f"error: --steps: {args.steps!r} is not allowed; allowed: a comma-separated subset of "
                   f"{', '.join(STEP_NAMES)}", file=sys.stderr)
             return 2
+    if args.workers is not None and args.workers < 1:
+        print(f"error: --workers: {args.workers} is not allowed; allowed: an integer >= 1", file=sys.stderr)
+        return 2
     if args.config:
+        from puzzle.planning import format_plan, preflight
+
         config = load_config(args.config)
         print(describe(config), file=sys.stderr)
+        # everything the config and the parent's config.json can tell, before a run exists
+        checked = preflight(config)
+        if checked is not None:
+            print(format_plan(checked.cost), file=sys.stderr)
+        else:
+            print("plan: the parent is a hub name; prepare checks it and writes plan/cost.json", file=sys.stderr)
         if args.dry_run:
             return 0
         run_uri = create_run(config, Path(args.config).read_text(encoding="utf-8"), run_id=args.run_id)

@@ -390,6 +390,10 @@ class DeciLMForCausalLM(nn.Module):
             self.set_ffn(layer, variant, module, norm)  # type: ignore[arg-type]
 
     # ----- pieces for BLD / scoring ----------------------------------------------------------------
+    def layer(self, i: int) -> DeciLayer:
+        """Decoder layer ``i`` (the same interface :class:`puzzle.model.streaming.ParentLayers` offers)."""
+        return self.model.layers[i]
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)  # (B, T, C)
 

@@ -25,7 +25,7 @@ import math
 import time
 from typing import Any
 
-from puzzle.context import StepContext, UnitError
+from puzzle.context import StepContext
 from puzzle.data.shards import load_tokens, sequences
 from puzzle.evaluation import (
     DeciTextGenerator,
@@ -34,18 +34,14 @@ from puzzle.evaluation import (
     lm_eval_results,
     task_accuracy,
     throughput_figures,
-    verify_parent,
 )
+from puzzle.layout import eval_report_key
+from puzzle.library import check_parent_unchanged
 from puzzle.model import load_parent, load_pretrained
 from puzzle.model.io import torch_dtype
+from puzzle.run import download_child
 
 log = logging.getLogger(__name__)
-
-COMPLETE = "complete.json"
-
-
-def report_key(unit_id: str) -> str:
-    return f"eval/{unit_id}/report.json"
 
 
 def run(ctx: StepContext) -> None:
@@ -53,19 +49,14 @@ def run(ctx: StepContext) -> None:
     ev = cfg.eval
     uid = ctx.unit_id
     started = time.time()
-    complete = f"child/{uid}/{COMPLETE}"
-    if not ctx.store.exists(complete):
-        raise UnitError(f"child/{uid} is not complete (no {complete}); run `puzzle step assemble` for this unit first")
-    record = ctx.store.get_json(complete)
     device = ctx.device()
     dtype = torch_dtype(cfg.parent.dtype)
     child_dir = ctx.scratch / "child"
-    keys = [k for k in ctx.store.list(f"child/{uid}") if not k.endswith(COMPLETE)]
-    for k in keys:
-        ctx.store.get_file(k, child_dir / k[len(f"child/{uid}/"):])
+    # every file checked against the sha256 its completion record lists, as fetch does
+    record = download_child(ctx.store, uid, child_dir)
     child = load_pretrained(child_dir, dtype=dtype, device=device)
     is_parent = record.get("kind") == "parent"
-    verify_parent(ctx.store, ctx.parent_dir())
+    check_parent_unchanged(ctx.store, ctx.parent_dir())
     parent = None if is_parent else load_parent(ctx.parent_dir(), dtype=dtype, device=device)
 
     out: dict[str, Any] = {
@@ -74,7 +65,7 @@ def run(ctx: StepContext) -> None:
         "gkd": record.get("gkd"), "device": str(device),
     }
 
-    seqs = sequences(load_tokens(ctx.store, "data/validation"), cfg.data.seq_len)
+    seqs = sequences(load_tokens(ctx.store, "validation"), cfg.data.seq_len)
     seqs = seqs[: max(1, math.ceil(ev.tokens / cfg.data.seq_len))]
     out["quality"] = compare_to_parent(child, parent, seqs, batch_size=cfg.score.batch_size)
     ctx.metrics.set("eval_kl", out["quality"]["kl"], help="KL(parent||model) per held-out token")
@@ -105,9 +96,9 @@ def run(ctx: StepContext) -> None:
         out["lm_eval"] = lm_eval_results(child, child_dir, ev.lm_eval_tasks, seed=cfg.seed)
 
     out["seconds"] = time.time() - started
-    ctx.store.put_json(report_key(uid), out)
+    ctx.store.put_json(eval_report_key(uid), out)
     log.info("evaluated %s in %.1fs: kl %.4f, ppl %.2f", uid, out["seconds"], out["quality"]["kl"],
              out["quality"]["perplexity"])
 
 
-__all__ = ["report_key", "run"]
+__all__ = ["run"]

@@ -21,8 +21,9 @@ import logging
 import time
 from typing import Any
 
-from puzzle.config import ConfigError
+from puzzle import layout
 from puzzle.context import StepContext
+from puzzle.errors import ConfigError
 from puzzle.model import BlockConfig, variant_from_name
 from puzzle.profiling.throughput import ScenarioProfile, load_scenario_profile, predict
 from puzzle.solver import (
@@ -62,12 +63,12 @@ def _add(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 
 
 def build_problem(ctx: StepContext, profiles: dict[str, ScenarioProfile]) -> SearchProblem:
-    variants = ctx.store.get_json("plan/variants.json")
+    variants = ctx.store.get_json(layout.VARIANTS_PLAN)
     parent_blocks = variants["parent"]
     field = METRIC_FIELD[ctx.config.score.metric]
 
     def score(layer: int, name: str) -> float:
-        key = f"scores/{layer:03d}/{name}.json"
+        key = layout.score_key(layer, name)
         if not ctx.store.exists(key):
             raise ConfigError(f"score: no replace-1-block score {key}; run the score step first")
         rec = ctx.store.get_json(key)
@@ -140,7 +141,7 @@ def layer_drop_baseline(ctx, profiles, variants, target_sc: str, target_tps: flo
     n = len(parent_blocks)
     sims = []
     for layer in range(n):
-        key = f"scores/similarity/{layer:03d}.json"
+        key = layout.similarity_key(layer)
         if not ctx.store.exists(key):
             raise ConfigError(f"layer-drop baseline: {key} is missing; run the score step first")
         sims.append((ctx.store.get_json(key)["cosine_similarity"], layer))
@@ -159,7 +160,7 @@ def run(ctx: StepContext) -> None:
     started = time.time()
     profiles = {sc.name: load_scenario_profile(ctx.store, sc.name) for sc in cfg.profile.scenarios}
     problem = build_problem(ctx, profiles)
-    variants = ctx.store.get_json("plan/variants.json")
+    variants = ctx.store.get_json(layout.VARIANTS_PLAN)
     n_layers = len(variants["parent"])
     hidden = next(iter(profiles.values())).hidden_size
     constraints = constraints_from_config(cfg.solve, cfg.profile.scenarios, problem)
@@ -174,7 +175,7 @@ def run(ctx: StepContext) -> None:
         ctx.metrics.set("solve_objective", sol.objective, help="Summed replace-1-block degradation of the child",
                         solution=f"sol-{i}")
         ctx.metrics.set("solve_gap", sol.gap, help="Relative MIP gap", solution=f"sol-{i}")
-    ctx.store.put_json("solve/solutions.json", records)
+    ctx.store.put_json(layout.SOLUTIONS, records)
 
     # Pareto front: the first throughput constraint swept (speedup on the first scenario if none is set)
     first = cfg.solve.throughput[0].scenario if cfg.solve.throughput else cfg.profile.scenarios[0].name
@@ -188,7 +189,7 @@ def run(ctx: StepContext) -> None:
         blocks = block_configs(pt.selection, n_layers)
         pareto.append({"target": pt.target, "constraint": sweep.name, "objective": pt.objective,
                        "block_configs": blocks, "predicted": predicted(profiles, blocks, variants["parent"], hidden)})
-    ctx.store.put_json("solve/pareto.json", pareto)
+    ctx.store.put_json(layout.PARETO, pareto)
 
     target_tps = records[0]["predicted"][first]["tokens_per_s"]
     units = [{"id": "parent", "kind": "parent", "block_configs": variants["parent"],
@@ -202,10 +203,5 @@ def run(ctx: StepContext) -> None:
         ):
             units.append({"id": uid, "kind": kind, "block_configs": blocks,
                           "predicted": predicted(profiles, blocks, variants["parent"], hidden)})
-    ctx.store.put_json("plan/assemble.json", units)
+    ctx.store.put_json(layout.plan_key("assemble"), units)
     ctx.metrics.set("solve_seconds", time.time() - started, help="Seconds spent solving, sweep included")
-    outputs(ctx)
-
-
-def outputs(ctx: StepContext) -> None:
-    ctx.write_output("assemble", ctx.store.get_json("plan/assemble.json"))
