@@ -10,7 +10,9 @@ the same guarantees, so a retried pod never reads half an artifact:
   and verified on every read: a mismatch raises :class:`CorruptArtifactError` naming the key;
 * transient S3 errors (connection refused/reset, 5xx, throttling) are retried with exponential
   backoff, then raise :class:`StoreError` naming the URI, the key and the last error; refused
-  credentials fail at once with a message saying so.
+  credentials fail at once with a message saying so;
+* a ``file://`` store follows no symbolic link below its root (:class:`SymlinkError`, bad input): a
+  link planted in a run folder cannot make a step read or write outside the store.
 
 Open a store with :func:`open_store`; S3 endpoint and credentials come from the standard AWS
 variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``,
@@ -34,6 +36,7 @@ from puzzle.store.base import (
     RetryPolicy,
     Store,
     StoreError,
+    SymlinkError,
     TransferSettings,
     file_sha256,
     join_uri,
@@ -76,6 +79,7 @@ __all__ = [
     "S3Store",
     "Store",
     "StoreError",
+    "SymlinkError",
     "TransferSettings",
     "file_sha256",
     "is_transient",

@@ -32,11 +32,21 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 class StoreError(TransientError):
     """Any artifact-store failure; the message names the store URI and the key. Exit 1 (retried)
-    unless it is also bad input (an invalid key, refused credentials)."""
+    unless it is also bad input (an invalid key, a symbolic link in a file store, refused
+    credentials)."""
 
 
 class InvalidKeyError(StoreError, BadInputError):
     """A key (or URI) breaks a naming rule; the message names the key and the rule (bad input)."""
+
+
+class SymlinkError(InvalidKeyError):
+    """A ``file://`` key whose path, or a directory above it inside the store, is a symbolic link.
+
+    Bad input (exit 2, never retried): the run folder must be repaired, a retry meets the same link. The
+    message names the key, the link and where it points. An :class:`InvalidKeyError`, because the key
+    cannot be used in this store, so code that refuses bad keys refuses these too.
+    """
 
 
 class CredentialsError(StoreError, BadInputError):
@@ -250,6 +260,7 @@ __all__ = [
     "RetryPolicy",
     "Store",
     "StoreError",
+    "SymlinkError",
     "TransferSettings",
     "file_sha256",
     "join_uri",
