@@ -7,7 +7,7 @@ Related tests elsewhere: property-based fuzzing of the config loader (tests/test
 every config field's error (test_config.py::test_bad_configs_name_the_field), infeasible solve targets
 (test_score_solve.py::test_infeasible_throughput_names_the_best_achievable), bad bld units
 (test_bld.py::test_bad_units_fail_at_once_with_exit_2), keys the store refuses
-(test_store.py::test_invalid_keys_are_rejected).
+(test_store.py::test_invalid_keys_are_rejected), symbolic links in a file store (test_store.py::test_file_store_*).
 """
 
 from __future__ import annotations
@@ -166,6 +166,26 @@ def test_s3_with_bad_credentials_exits_2_and_writes_nothing(tmp_path, parent_dir
     assert f"s3://{s3_bucket.name}/runs/t-" in r.stderr and "/config.yaml" in r.stderr
     assert "Traceback" not in r.stderr
     assert s3_bucket.server.client().list_objects_v2(Bucket=s3_bucket.name).get("KeyCount") == 0
+
+
+@pytest.mark.parametrize("linked", ["data", "plan"])
+def test_run_folder_with_a_symlink_to_outside_exits_2_and_writes_nothing_there(tmp_path, parent_dir, capsys,
+                                                                                 linked):
+    """Issue #16: a directory of the run folder replaced by a link to a folder outside the store. prepare
+    refuses the first key under it (bad input, exit 2, naming the key and the link) and writes nothing
+    through it; no plan and no done marker appear."""
+    uri = small_run(tmp_path, parent_dir, prepare=False)
+    run = tmp_path / "runs" / "run-a"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run / linked).symlink_to(outside, target_is_directory=True)
+    code, err = puzzle(capsys, "step", "prepare", "--run", uri)
+    assert code == 2, err
+    assert f"error: step prepare, unit all: {uri}/{linked}/" in err, err
+    assert f"key '{linked}/" in err and f"symbolic link '{run / linked}' -> '{outside}'" in err, err
+    assert "Traceback" not in err
+    assert list(outside.iterdir()) == [], "written outside the store through the link"
+    assert not (run / "done").exists() and (linked == "plan" or not (run / "plan").exists())
 
 
 def test_s3_bad_bucket_name_exits_2(tmp_path, parent_dir, capsys):
