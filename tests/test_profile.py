@@ -1,7 +1,9 @@
 """The profile step and its pieces: every variant of a tiny search space profiled on this CPU, exact
-memory, the roofline estimate when the target device is absent, the decode fit, bad units.
+memory, the roofline estimate when the target device is absent, the decode fit, bad units; timings
+that disagree are taken again and a profile that never became stable is refused by solve (issue 16).
 
-Everything runs for real on the CPU (tiny shapes); nothing is mocked. GPU-only behaviour (CUDA graphs,
+Everything runs for real on the CPU (tiny shapes); nothing is mocked: the "paused worker" is a real
+sleep inside the timed callable. GPU-only behaviour (CUDA graphs,
 events) is checked by ``test_gpu_profile_and_engine_graphs``, skipped without CUDA.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,8 @@ from puzzle.profiling.profiler import (
     profile_unit,
 )
 from puzzle.profiling.roofline import estimate_costs
+from puzzle.profiling.throughput import UnstableProfileError, load_scenario_profile
+from puzzle.profiling.timing import time_callable
 from puzzle.run import create_run
 from puzzle.store import open_store
 
@@ -95,7 +100,7 @@ def test_every_variant_profiled_on_cpu_writes_well_formed_json(run):
         assert math.isclose(rec["decode_step_s"] * sc.output_len, rec["decode_s"], rel_tol=1e-12)
         if sc.device == "cpu":
             assert rec["estimate"] is False and rec["device"].startswith("cpu")
-            assert rec["method"]["kind"] == "wall_clock" and rec["method"]["repeats"] == 2
+            assert rec["method"]["kind"] == "thread_cpu" and rec["method"]["repeats"] == 2
             assert len(rec["decode_points"]) == 3
             for p in rec["decode_points"]:
                 s = p["spread"]
@@ -187,3 +192,87 @@ def test_gpu_profile_and_engine_graphs():
     rec = profile_unit(cfg, "attention", "attn_g2", sc, ProfileConfig(scenarios=[sc], warmup=1, repeats=3))
     assert rec["estimate"] is False and rec["method"]["cuda_graphs"] and rec["method"]["kind"] == "cuda_events"
     assert rec["prefill_s"] > 0 and rec["decode_s"] > 0
+
+
+def _sleeper(pattern):
+    """A callable that sleeps pattern(i) seconds on its i-th call (0-based): a worker paused by the OS."""
+    calls = []
+
+    def fn() -> None:
+        time.sleep(pattern(len(calls)))
+        calls.append(1)
+
+    return fn
+
+
+BASE, PAUSE = 0.05, 0.5
+
+
+def test_a_paused_worker_is_measured_again_and_the_undisturbed_median_kept():
+    # The worker is paused during 3 of the first attempt's 5 repetitions: that median is the pause.
+    def paused():
+        return _sleeper(lambda i: PAUSE if i < 3 else BASE)
+
+    old = time_callable(paused(), "cpu", warmup=0, repeats=5, inner=1)  # what the profiler did before
+    assert old.median_s >= PAUSE and old.rel_spread > 0.5 and old.stable  # no bound: trusted as it is
+    t = time_callable(paused(), "cpu", warmup=0, repeats=5, inner=1, max_rel_spread=0.5, attempts=3, clock="wall")
+    assert t.attempt_spreads[0] > 0.5 and len(t.attempt_spreads) >= 2  # rejected, then taken again
+    assert BASE <= t.median_s < 2 * BASE  # the undisturbed time, not the pause
+    assert t.stable and t.rel_spread == t.attempt_spreads[-1] <= 0.5
+    d = t.to_dict()
+    assert d["stable"] is True and d["attempt_spreads"] == list(t.attempt_spreads) and d["max_rel_spread"] == 0.5
+
+
+def test_a_persistently_noisy_callable_ends_unstable():
+    fn = _sleeper(lambda i: PAUSE / 5 if i % 2 else BASE / 5)  # every other repetition 10x slower
+    t = time_callable(fn, "cpu", warmup=0, repeats=4, inner=1, max_rel_spread=0.5, attempts=3, clock="wall")
+    assert len(t.attempt_spreads) == 3 and min(t.attempt_spreads) > 0.5
+    assert t.rel_spread == min(t.attempt_spreads)  # the least noisy attempt is the one kept
+    assert t.stable is False and t.to_dict()["stable"] is False
+    with pytest.raises(ValueError, match="attempts: 0 is not allowed"):
+        time_callable(fn, "cpu", warmup=0, repeats=1, attempts=0)
+    with pytest.raises(ValueError, match="clock: 'sundial' is not allowed"):
+        time_callable(fn, "cpu", warmup=0, repeats=1, clock="sundial")
+
+
+def test_solve_refuses_a_profile_that_never_became_stable(tmp_path, capsys):
+    from puzzle.cli import main as cli_main
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "config.json").write_text(json.dumps(llama_config()))
+    # A bound no wall-clock or CPU-time measurement meets: every attempt of every timing is "too noisy".
+    cfg = parse_config({
+        "name": "noisy", "parent": {"uri": str(parent)},
+        "data": {"distillation_uri": "unused.txt", "validation_uri": "unused.txt"},
+        "profile": {"scenarios": [{"name": "cpu-b2", "batch_size": 2, "input_len": 16, "output_len": 9}],
+                    "warmup": 0, "repeats": 3, "decode_points": 2, "max_rel_spread": 1e-9, "attempts": 2},
+        "store": {"uri": f"file://{tmp_path / 'runs'}"},
+    })
+    run_uri = create_run(cfg, run_id="noisy-test")
+    unit = {"id": "cpu-b2.attn_g2", "scenario": "cpu-b2", "kind": "attention", "variant": "attn_g2"}
+    assert run_step("profile", run_uri, unit)
+    store = open_store(run_uri)
+    rec = store.get_json("profile/cpu-b2/attn_g2.json")
+    st = rec["stability"]
+    assert st["measured"] and st["stable"] is False and st["rel_spread"] > 1e-9 and st["attempts"] == 2
+    assert len(rec["prefill"]["attempt_spreads"]) == 2 and rec["prefill"]["stable"] is False
+    assert all(len(p["spread"]["attempt_spreads"]) == 2 for p in rec["decode_points"])
+    # never cached: the next run must measure it again rather than inherit the noise
+    assert not any(k.endswith("attn_g2.json") for k in open_store(f"file://{tmp_path / 'runs'}").list("profiles"))
+    for u in ({"id": "cpu-b2.attn_noop", "scenario": "cpu-b2", "kind": "attention", "variant": "attn_noop"},):
+        assert run_step("profile", run_uri, u)  # nothing measured: nothing to judge
+
+    assert cli_main(["step", "solve", "--run", run_uri]) == 2
+    err = capsys.readouterr().err
+    assert "scenario 'cpu-b2', variant 'attn_g2'" in err and "attn_noop" not in err
+    assert f"(p90 - p10) / median = {st['rel_spread']:.3g} after 2 attempt(s)" in err
+    assert "above profile.max_rel_spread = 1e-09" in err
+    assert f"puzzle step profile --run {run_uri} --unit '{json.dumps(unit)}' --force" in err
+    assert "raise profile.max_rel_spread" in err
+    assert not store.exists("solve/solutions.json") and not store.exists("done/solve/all.json")
+    # the way out the message names: a bound the recorded spread is within lets it through
+    with pytest.raises(UnstableProfileError):
+        load_scenario_profile(store, "cpu-b2")  # the bound it was measured under
+    prof = load_scenario_profile(store, "cpu-b2", max_rel_spread=max(10 * st["rel_spread"], 1.0))
+    assert prof.cost("attention", "attn_g2").prefill_s == rec["prefill_s"]
