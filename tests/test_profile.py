@@ -19,7 +19,7 @@ import torch
 from puzzle.config import ProfileConfig, Scenario, parse_config
 from puzzle.context import run_step
 from puzzle.errors import UnitError
-from puzzle.model import AttentionVariant, FFNVariant, expand_search_space
+from puzzle.model import AttentionVariant, BlockConfig, FFNVariant, expand_search_space
 from puzzle.model.io import parent_model_config
 from puzzle.profiling.engine import attended_length, decode_contexts
 from puzzle.profiling.profiler import (
@@ -29,7 +29,7 @@ from puzzle.profiling.profiler import (
     profile_unit,
 )
 from puzzle.profiling.roofline import estimate_costs
-from puzzle.profiling.throughput import UnstableProfileError, load_scenario_profile
+from puzzle.profiling.throughput import ScenarioProfile, UnstableProfileError, load_scenario_profile, predict
 from puzzle.profiling.timing import time_callable
 from puzzle.run import create_run
 from puzzle.store import open_store
@@ -276,3 +276,109 @@ def test_solve_refuses_a_profile_that_never_became_stable(tmp_path, capsys):
         load_scenario_profile(store, "cpu-b2")  # the bound it was measured under
     prof = load_scenario_profile(store, "cpu-b2", max_rel_spread=max(10 * st["rel_spread"], 1.0))
     assert prof.cost("attention", "attn_g2").prefill_s == rec["prefill_s"]
+
+
+def _two_runs(tmp_path: Path, **profile):
+    """Two runs of one config in one store (as a rerun would be), plus the store root."""
+    parent = tmp_path / "parent"
+    parent.mkdir(exist_ok=True)
+    (parent / "config.json").write_text(json.dumps(llama_config()))
+
+    def cfg(scenario_name: str, **extra):
+        return parse_config({
+            "name": "reuse", "parent": {"uri": str(parent)},
+            "data": {"distillation_uri": "unused.txt", "validation_uri": "unused.txt"},
+            "profile": {"scenarios": [{"name": scenario_name, "batch_size": 2, "input_len": 16, "output_len": 9}],
+                        "warmup": 0, "repeats": 3, "decode_points": 2, "max_rel_spread": 1e6, **profile, **extra},
+            "store": {"uri": f"file://{tmp_path / 'runs'}"},
+        })
+
+    return cfg
+
+
+CACHED_UNITS = [("attention", "attn_g2"), ("ffn", "ffn_m1.0"), ("non_block", "non_block")]
+
+
+def _profile(run_uri: str, scenario: str) -> dict[str, dict]:
+    for kind, v in CACHED_UNITS + [("attention", "attn_noop")]:
+        assert run_step("profile", run_uri, {"id": f"{scenario}.{v}", "scenario": scenario, "kind": kind, "variant": v})
+    store = open_store(run_uri)
+    return {v: store.get_json(f"profile/{scenario}/{v}.json") for _, v in CACHED_UNITS + [("attention", "attn_noop")]}
+
+
+def test_a_rerun_reuses_the_stable_profiles_of_an_earlier_run_bit_for_bit(tmp_path):
+    cfg = _two_runs(tmp_path)
+    first = _profile(create_run(cfg("cpu-b2"), run_id="reuse-1"), "cpu-b2")
+    root = open_store(f"file://{tmp_path / 'runs'}")
+    cached = sorted(k for k in root.list("profiles"))
+    digest = first["attn_g2"]["cache"]["digest"]
+    ffn_entry = f"ffn_i{FFNVariant.from_mult(1.0, HIDDEN).intermediate_size}"  # cached by its shape
+    assert cached == [f"profiles/{digest}/{e}.json" for e in ("attn_g2", ffn_entry, "key", "non_block")]
+    key = root.get_json(f"profiles/{digest}/key.json")
+    assert key["device"]["name"] == first["attn_g2"]["device"] and key["device"]["torch"] == torch.__version__
+    assert key["scenario"] == {"batch_size": 2, "input_len": 16, "output_len": 9, "dtype": "float32", "device": "cpu"}
+    assert key["model"]["hidden_size"] == HIDDEN and key["model"]["num_hidden_layers"] == LAYERS
+    for v, rec in first.items():
+        if v == "attn_noop":
+            assert "reused" not in rec and "cache" not in rec  # nothing measured, nothing cached
+            continue
+        assert rec["reused"] is None and rec["cache"]["written"] is True
+        assert rec["measured_by"]["run"] == "reuse-1" and rec["measured_by"]["unit"] == f"cpu-b2.{v}"
+
+    # The rerun (here: its scenario renamed, same contents) copies them instead of measuring
+    second = _profile(create_run(cfg("cpu-again"), run_id="reuse-2"), "cpu-again")
+    for v in ("attn_g2", "ffn_m1.0", "non_block"):
+        a, b = first[v], second[v]
+        entry = ffn_entry if v == "ffn_m1.0" else v
+        assert b["reused"] == {"from": f"{root.uri}/profiles/{digest}/{entry}.json", "digest": digest,
+                               "measured_by": a["measured_by"]}
+        assert b["scenario"]["name"] == "cpu-again" and b["variant"] == v and "cache" not in b
+        for f in ("prefill_s", "decode_s", "decode_step_s", "decode_points", "prefill", "stability", "memory_bytes"):
+            assert b[f] == a[f], f
+    p1 = ScenarioProfile(list(first.values()))
+    p2 = load_scenario_profile(open_store("file://" + str(tmp_path / "runs" / "reuse-2")), "cpu-again")
+    blocks = [BlockConfig(AttentionVariant.gqa(2), FFNVariant.from_mult(1.0, HIDDEN))] * LAYERS
+    assert predict(p1, blocks) == predict(p2, blocks)  # the solver sees the same problem
+
+    # reuse off: measured again, the cache left as it was
+    before = {k: root.get_bytes(k) for k in cached}
+    third = _profile(create_run(cfg("cpu-b2", reuse=False), run_id="reuse-3"), "cpu-b2")
+    assert all("reused" not in r and "cache" not in r for r in third.values())
+    assert {k: root.get_bytes(k) for k in root.list("profiles")} == before
+
+
+def test_cache_key_follows_device_shapes_and_settings_and_the_bound_is_the_readers(tmp_path):
+    from puzzle.profiling.cache import ProfileCache, cache_key, digest_of, entry_name
+
+    cfg = parent_model_config(llama_config(), "config.json")
+    sc = Scenario(name="a", batch_size=2, input_len=16, output_len=9)
+    settings = ProfileConfig(scenarios=[sc], repeats=3)
+    cpu = torch.device("cpu")
+    base = digest_of(cache_key(cfg, sc, settings, cpu))
+    assert digest_of(cache_key(cfg, sc.model_copy(update={"name": "b"}), settings, cpu)) == base
+    assert digest_of(cache_key(cfg, sc, settings.model_copy(update={"max_rel_spread": 0.1, "attempts": 9}), cpu)) == base
+    changed = [
+        cache_key(cfg, sc.model_copy(update={"batch_size": 3}), settings, cpu),
+        cache_key(cfg, sc.model_copy(update={"dtype": "bfloat16"}), settings, cpu),
+        cache_key(cfg, sc, settings.model_copy(update={"repeats": 4}), cpu),
+        cache_key(cfg, sc, settings.model_copy(update={"cpu_clock": "wall"}), cpu),
+        cache_key(parent_model_config({**llama_config(), "vocab_size": 128}, "config.json"), sc, settings, cpu),
+        cache_key(parent_model_config({**llama_config(), "num_hidden_layers": 4}, "config.json"), sc, settings, cpu),
+    ]
+    torch.set_num_threads(2)
+    try:
+        changed.append(cache_key(cfg, sc, settings, cpu))  # another thread count is another device
+    finally:
+        torch.set_num_threads(1)
+    assert len({base, *map(digest_of, changed)}) == len(changed) + 1
+    size = FFNVariant.from_mult(1.0, HIDDEN).intermediate_size
+    assert entry_name("ffn", FFNVariant.from_mult(1.0, HIDDEN)) == entry_name("ffn", FFNVariant.exact(size)) == f"ffn_i{size}"
+
+    # A cached record is judged against the reading run's bound, not the one it was written under
+    cache = ProfileCache(open_store(f"file://{tmp_path}"), cache_key(cfg, sc, settings, cpu))
+    rec = profile_unit(cfg, "attention", "attn_g2", sc, settings.model_copy(update={"max_rel_spread": 1e6}))
+    cache.save("attn_g2", rec)
+    spread = rec["stability"]["rel_spread"]
+    assert cache.lookup("attn_g2", max_rel_spread=spread * 2 + 1e-12) == rec
+    assert cache.lookup("attn_g2", max_rel_spread=spread / 2) is None
+    assert cache.lookup("attn_g4", max_rel_spread=1e6) is None
