@@ -95,6 +95,7 @@ def test_every_variant_profiled_on_cpu_writes_well_formed_json(run):
         noop = u["variant"].endswith("_noop")
         if noop:
             assert rec["prefill_s"] == rec["decode_s"] == rec["weight_bytes"] == 0
+            assert rec["stability"] == {"measured": False, "stable": True}
             continue
         assert rec["prefill_s"] > 0 and rec["decode_s"] > 0
         assert math.isclose(rec["decode_step_s"] * sc.output_len, rec["decode_s"], rel_tol=1e-12)
@@ -106,8 +107,14 @@ def test_every_variant_profiled_on_cpu_writes_well_formed_json(run):
                 s = p["spread"]
                 assert s["min_s"] <= p["step_s"] <= s["max_s"] and s["repeats"] == 2
             assert rec["prefill"]["min_s"] <= rec["prefill_s"] <= rec["prefill"]["max_s"]
+            st = rec["stability"]  # each timing's spread, the worst one named, against the default bound
+            spreads = [rec["prefill"]["rel_spread"]] + [p["spread"]["rel_spread"] for p in rec["decode_points"]]
+            assert st["measured"] and st["rel_spread"] == max(spreads) and st["max_rel_spread"] == 0.75
+            assert st["stable"] == all(x <= 0.75 for x in spreads) and st["attempts"] == 3
+            assert st["worst"] == "prefill" or st["worst"].startswith("decode at context ")
         else:  # cuda:7 is absent here (and on any one-GPU machine): the roofline, labelled
             assert rec["estimate"] is True and "estimate" in rec["device"]
+            assert rec["stability"] == {"measured": False, "stable": True}
     # Metrics the framework wrote for the units
     prom = "".join(store.get_text(k) for k in store.list("metrics") if k.endswith(".prom"))
     assert "puzzle_profile_prefill_seconds" in prom and "puzzle_profile_decode_seconds" in prom

@@ -1,7 +1,7 @@
 """Profile one block variant (or the non-block parts) on one scenario: what a ``profile`` unit does.
 
 Measured on the scenario's device when it is present (GPU: CUDA events around CUDA-graph replays;
-CPU: wall clock), with the exact blocks of ``puzzle.profiling.engine`` that a whole-model measurement
+CPU: the thread's CPU time with one torch thread, else the wall clock; ``profile.cpu_clock``), with the exact blocks of ``puzzle.profiling.engine`` that a whole-model measurement
 runs, so per-variant costs add up to the model:
 
 - prefill: the batch at input_len through the block (GQA fills its KV cache);
@@ -14,6 +14,10 @@ working set is as large as in the whole model (a lone block would be served from
 CPU's caches and look faster than it is in the model). ``no_op`` costs exactly zero and is not timed.
 When the target device is absent (scenario device ``cuda`` on a CPU-only machine) the record is the
 roofline estimate of ``puzzle.profiling.roofline``, with ``"estimate": true``.
+
+Every timing is held to ``profile.max_rel_spread`` (taken again up to ``profile.attempts`` times, see
+``puzzle.profiling.timing``); the record's ``stability`` says whether all of them came within it, the
+worst spread and which timing it was. Solve refuses a record that never did.
 """
 
 from __future__ import annotations

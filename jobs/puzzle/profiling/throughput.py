@@ -11,9 +11,14 @@ pick), all read from ``profile/<scenario>/<variant>.json``::
 ``a + b * attended_length`` over its sampled contexts and sums it over every step
 (see ``puzzle.profiling.profiler``). Memory is weights plus the KV cache at B x (input_len + output_len).
 
+A measured record whose timings never came within the allowed spread (``stability.stable`` false, or
+its spread above the ``max_rel_spread`` the loader is given) is refused with
+:class:`UnstableProfileError` (bad input, exit 2), which names the scenario, the variant, the spread,
+the bound and the command that measures it again.
+
 Use::
 
-    prof = load_scenario_profile(store, "cpu-b8")
+    prof = load_scenario_profile(store, "cpu-b8", max_rel_spread=0.75)
     pred = predict(prof, child_config.block_configs)   # Prediction(tokens_per_s, ...)
     variant_costs(prof, "ffn", "ffn_m0.5")             # the MIP's per-variant linear costs
 

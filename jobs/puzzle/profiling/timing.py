@@ -13,7 +13,7 @@ whose ``(p90 - p10) / median`` is above it (a worker paused, a neighbour took th
 away and taken again, up to ``attempts`` times; the result is the attempt with the smallest spread and
 records every attempt's spread and whether it is within the bound (``stable``)::
 
-    t = time_callable(fn, "cpu", warmup=3, repeats=10, max_rel_spread=0.5, attempts=3)
+    t = time_callable(fn, "cpu", warmup=3, repeats=10, max_rel_spread=0.75, attempts=3)
     t.median_s, t.rel_spread, t.attempt_spreads, t.stable
 """
 
