@@ -133,8 +133,9 @@ def _throughput(args) -> int:
         if hasattr(os, "getloadavg"):
             load = f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
         print(f"warning: the {meas.repeats} generations disagree by {meas.rel_spread:.0%} ((p90 - p10) / median), "
-              f"above {bound * 100:.3g}% (--max-rel-spread){load}: the machine was busy, so this figure is not the model's; measure on a "
-              "quieter machine, with fewer --threads or with more --repeats", file=sys.stderr)
+              f"above {bound * 100:.3g}% (--max-rel-spread){load}: the machine was busy, so this figure is not "
+              "the model's; measure on a quieter machine, with fewer --threads or with more --repeats",
+              file=sys.stderr)
     if args.run:
         from puzzle.model import ModelConfig
         from puzzle.profiling.throughput import load_scenario_profile, predict
