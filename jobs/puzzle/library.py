@@ -168,8 +168,15 @@ class Library:
             run_store, config = ctx_or_store.store, ctx_or_store.config
         assert config is not None
         if run_store.exists(RUN_RECORD_KEY):
-            digest = run_store.get_json(RUN_RECORD_KEY)["digest"]
-            return cls.open(run_store.uri, digest, config.store)
+            record = run_store.get_json(RUN_RECORD_KEY)
+            recorded = (record.get("key") or {}).get("hyperparameters")
+            if recorded is not None and recorded != hyperparameters(config):
+                # blocks are filed under what they were trained with, never under another config's settings
+                raise UnitError(
+                    f"{RUN_RECORD_KEY}: the run's library was keyed on other BLD settings than the config's "
+                    f"({recorded} vs {hyperparameters(config)}); redo from bld: "
+                    f"`puzzle run --resume {run_store.uri} --redo bld`")
+            return cls.open(run_store.uri, record["digest"], config.store)
         if parent_dir is None:
             if isinstance(ctx_or_store, Store):
                 raise LibraryError(
@@ -197,6 +204,19 @@ class Library:
     def has(self, layer: int, variant: str) -> bool:
         """True when the entry is complete (its meta.json exists)."""
         return self.store.exists(f"{self.prefix(layer, variant)}/{META_NAME}")
+
+    def usable(self, layer: int, variant: str) -> bool:
+        """True when the entry is complete AND whole: its meta.json reads with the fields readers use and its
+        weights are there. A damaged entry (tampered, half-deleted) is trained again, never reused."""
+        if not self.has(layer, variant):
+            return False
+        try:
+            meta = self.meta(layer, variant)
+        except Exception:  # noqa: BLE001 - unreadable means unusable
+            return False
+        if not isinstance(meta, dict) or not all(k in meta for k in ("initial_nmse", "final_nmse", "has_weights")):
+            return False
+        return not meta["has_weights"] or self.store.exists(f"{self.prefix(layer, variant)}/{WEIGHTS_NAME}")
 
     def meta(self, layer: int, variant: str) -> dict[str, Any]:
         key = f"{self.prefix(layer, variant)}/{META_NAME}"
