@@ -217,8 +217,15 @@ class ICLEvalConfig(_Strict):
 class EvalConfig(_Strict):
     tokens: int = Field(8192, ge=1, description="Held-out tokens for KL and perplexity.")
     task_examples: int = Field(100, ge=0, description="Tiny-task (SCAN) exact-match examples (0: off).")
-    measure_throughput: bool = True
-    baselines: bool = Field(True, description="Also build uniform-FFN-shrink and layer-drop baselines.")
+    measure_throughput: bool = Field(True, description="Measure every model's tokens/s on each profile scenario "
+                                     "whose device is present, next to the throughput model's prediction.")
+    baselines: bool = Field(True, description="Also build and evaluate the uniform-FFN and layer-drop baselines "
+                            "(two settings each, bracketing the first solution's throughput).")
+    generation_batch_size: int = Field(16, ge=1, description="Prompts generated together (task exact match, ICL).")
+    icl_models: list[Literal["parent", "puzzle", "uniform_ffn", "layer_drop"]] = Field(
+        default_factory=lambda: ["parent", "puzzle", "uniform_ffn", "layer_drop"],
+        description="Which models' in-context learning eval.icl measures (by kind): the parent is needed for "
+        "retention; baselines can be left out to save time.")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness task names or JSON files.")
     icl: ICLEvalConfig = Field(default_factory=ICLEvalConfig)
 

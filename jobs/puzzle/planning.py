@@ -343,7 +343,8 @@ def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], 
     rows.append(StepCost("solve", 1, False, 0.0, 0.0,
                          f"CPU: at most {config.solve.time_limit_s:.0f} s per solve"))
 
-    n_children = config.solve.num_solutions + 1 + (2 if config.eval.baselines else 0)
+    # the parent, every solution, and two settings of each of the two baseline families
+    n_children = config.solve.num_solutions + 1 + (4 if config.eval.baselines else 0)
     gkd = config.assemble.gkd
     student = parent.params  # an upper bound: the child is never larger than the parent here
     if gkd.enabled:

@@ -177,13 +177,16 @@ def train_tiny_parent(
 
     opt = adamw(decay_groups(model, cfg.weight_decay), cfg.lr)
     part = Part("model", model, opt, cfg.grad_clip)
-    trainer = Trainer({"model": part}, schedule(cfg), cfg.device, autocast=False)
+    # bf16 autocast on a GPU (fp32 master weights): the one-GPU example's parent trains in about a minute;
+    # the CPU reference stays plain fp32 and bit-repeatable
+    trainer = Trainer({"model": part}, schedule(cfg), cfg.device, autocast=cfg.device.startswith("cuda"))
     batches = token_batches(tok, cfg)
     last: list[torch.Tensor] = []
 
     def loss_fn(step: int):
         ids = next(batches).to(cfg.device)  # (B, T)
-        loss = model(input_ids=ids, labels=ids).loss
+        with trainer.autocast():
+            loss = model(input_ids=ids, labels=ids).loss
         last[:] = [loss.detach()]
         yield "model", loss
 

@@ -71,7 +71,7 @@ def run(ctx: StepContext) -> None:
     ctx.metrics.set("eval_kl", out["quality"]["kl"], help="KL(parent||model) per held-out token")
     ctx.metrics.set("eval_perplexity", out["quality"]["perplexity"], help="Held-out perplexity")
 
-    gen = DeciTextGenerator(child, child_dir)
+    gen = DeciTextGenerator(child, child_dir, batch_size=ev.generation_batch_size)
     out["task"] = None
     if ev.task_examples > 0:
         out["task"] = task_accuracy(gen, ev.task_examples, seed=cfg.seed)
@@ -87,8 +87,9 @@ def run(ctx: StepContext) -> None:
                                 help="Measured generation throughput", scenario=sc)
 
     out["icl"] = None
-    if ev.icl.enabled:
-        aux = DeciTextGenerator(parent, ctx.parent_dir()) if parent is not None else None
+    if ev.icl.enabled and record.get("kind") in ev.icl_models:
+        aux = (DeciTextGenerator(parent, ctx.parent_dir(), batch_size=ev.generation_batch_size)
+               if parent is not None else None)
         out["icl"] = icl_results(gen, ev.icl, aux)
 
     out["lm_eval"] = None
