@@ -258,8 +258,9 @@ class ComputeConfig(_Strict):
     host_memory_gib: float = Field(64.0, ge=0, description="Host RAM of a pod the parent's streamed layers may "
                                    "be cached in (pinned), so later batches read no file.")
     peak_tflops: float = Field(989.0, gt=0, description="Dense bf16 TFLOP/s of one GPU, for the GPU-time estimates.")
-    mfu: float = Field(0.35, gt=0, le=1, description="Fraction of peak_tflops training and scoring reach "
-                       "(model FLOPs utilization), for the GPU-time estimates.")
+    mfu: float = Field(0.45, gt=0, le=1, description="Fraction of peak_tflops training and scoring reach "
+                       "(model FLOPs utilization), for the GPU-time estimates; BLD stages measured 52-56% of "
+                       "an H200's measured matmul peak (BENCHMARKS.md).")
     host_to_device_gbps: float = Field(25.0, gt=0, description="Host-to-GPU copy bandwidth (GB/s) a streamed "
                                        "layer crosses, for the estimates.")
 
