@@ -358,7 +358,7 @@ def test_tokenizers_llamacpp_cannot_hold_are_refused(tmp_path, capsys):
     text = write_text(tmp_path / "scan.txt", n_lines=300).read_text()
     save_tokenizer(train_tokenizer([text], vocab_size=300), tmp_path / "tiny-tok", model_max_length=256)
     child = save_pretrained(_parent(), tmp_path / "own", tokenizer_dir=tmp_path / "tiny-tok")
-    with pytest.raises(GGUFExportError, match=r"is not one llama.cpp implements.*--pre-tokenizer"):
+    with pytest.raises(GGUFExportError, match=r"is not one llama.cpp implements.*nearest.*'superbpe'.*--pre-tokenizer"):
         export_gguf(child, tmp_path / "own.gguf")
     assert main(["export", "gguf", str(child), str(tmp_path / "own.gguf")]) == 2
     assert "--pre-tokenizer" in capsys.readouterr().err

@@ -32,7 +32,11 @@ def register(sub) -> None:
 
 
 def _gguf(args) -> int:
+    import logging
+
     from puzzle.export.gguf import export_gguf
+
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its writer logs every file it opens at INFO
 
     if args.out.exists() and not args.force:
         raise UserError(f"OUT.gguf: {str(args.out)!r} exists; choose another path or pass --force")

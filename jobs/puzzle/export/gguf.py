@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,8 +58,6 @@ from puzzle.model.config import ModelConfig
 from puzzle.model.io import INDEX_NAME, SINGLE_NAME, ModelLoadError
 from puzzle.model.modeling import DeciLMForCausalLM, rope_inv_freq
 from puzzle.model.variants import BlockConfigError
-
-log = logging.getLogger(__name__)
 
 ARCH = "deci"
 #: Width of the all-zero FFN that stands in for a no_op FFN: the smallest whose rows llama.cpp's
@@ -80,6 +77,10 @@ _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The split regex of the project's own tiny-parent BPE (puzzle.data.tokenizer), which keeps I_TURN_LEFT one
+# word: no llama.cpp pre-tokenizer does that, and 'superbpe' (split only around digits) tokenizes 94% of the
+# validation documents exactly as Hugging Face does (benchmarks/bench_llamacpp.py), the most of any name.
+_NEAREST = {r" ?[A-Za-z_]+| ?[0-9]+| ?[^\sA-Za-z_0-9]+|\s+(?!\S)|\s+": "superbpe"}
 # name -> (split regex or None for ByteLevel's own GPT-2 regex, model.ignore_merges llama.cpp assumes,
 #          normalizers it is equivalent under)
 _KNOWN_PRE = {
@@ -124,7 +125,7 @@ def plan_layers(cfg: ModelConfig) -> list[LayerPlan]:
         raise GGUFExportError(
             f"block_configs[{bad[0]}].ffn.replace_with_linear: true is not allowed for llama.cpp: its 'deci' "
             f"architecture has no linear FFN (a SwiGLU FFN or none); layers with one: {bad}. Choose a SwiGLU or "
-            "no_op FFN there (search_space without ffn 'linear', or serving: [llamacpp])"
+            "no_op FFN there (a run config with search_space.ffn.replace_with_linear: false never makes one)"
         )
     n = cfg.num_hidden_layers
     heads = cfg.num_attention_heads
@@ -266,9 +267,12 @@ def read_vocab(child: Path, cfg: ModelConfig, pre_tokenizer: str | None = None) 
     known = recognise_pre_tokenizer(tok)
     if pre_tokenizer is None:
         if known is None:
+            parts = (tok.get("pre_tokenizer") or {}).get("pretokenizers") or [{}]
+            nearest = _NEAREST.get(((parts[0].get("pattern") or {}).get("Regex")) or "")
+            hint = f" The nearest for this one is {nearest!r}." if nearest else ""
             raise GGUFExportError(
                 f"{path}: pre_tokenizer {pre_desc} is not one llama.cpp implements (it knows pre-tokenizers by "
-                f"name; recognised here: {sorted(_KNOWN_PRE)}). Pass --pre-tokenizer NAME (one of "
+                f"name; recognised here: {sorted(_KNOWN_PRE)}).{hint} Pass --pre-tokenizer NAME (one of "
                 f"{list(LLAMA_CPP_PRE_TOKENIZERS)}) to write one of llama.cpp's anyway: llama.cpp then splits some "
                 "text differently before BPE, so its tokens for a text prompt can differ from Hugging Face's; "
                 "token ids given to it directly run exactly as ours"
@@ -557,8 +561,6 @@ def export_gguf(child_dir: str | Path, out_path: str | Path, dtype: str = "f16",
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    for n in notes:
-        log.info("gguf: %s", n)
     return GGUFSummary(out, dtype, vocab.pre, plan, len(tensors), n_bytes, notes)
 
 
