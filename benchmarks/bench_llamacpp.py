@@ -8,7 +8,8 @@ by llama.cpp through its Python binding. On several prompts from ``examples/tiny
 (token ids from the Hugging Face tokenizer, so tokenization plays no part) it compares:
 
 - max |log-softmax difference| between llama.cpp's and our ``DeciLMForCausalLM``'s next-token
-  distributions, over every prompt position and every position llama.cpp decoded with its KV cache;
+  distributions, over every prompt position and every position llama.cpp decoded with its KV cache
+  (with ``--dtype f16|bf16`` ours computes in f32 with its matrices rounded as the file holds them);
 - greedy tokens: llama.cpp's own decode loop (argmax of its logits, one token at a time) against our
   ``generate`` (static KV cache), over ``--new-tokens`` tokens per prompt.
 
@@ -128,6 +129,24 @@ def make_children(parent, calib_ids):
     return children
 
 
+def rounded_like_the_file(model, dtype: str):
+    """The model with its matrices rounded to the GGUF's dtype (norms stay f32, as in the file), computed in
+    f32: our logits for exactly the weights llama.cpp reads."""
+    import copy
+
+    import torch
+
+    if dtype == "f32":
+        return model
+    out = copy.deepcopy(model)
+    cast = {"f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    with torch.no_grad():
+        for p in out.parameters():
+            if p.ndim > 1:
+                p.copy_(p.to(cast).float())
+    return out
+
+
 def describe(model) -> str:
     return " ".join(f"{b.attention.name.removeprefix('attn_')}/{b.ffn.name.removeprefix('ffn_')}"
                     for b in model.block_configs)
@@ -156,6 +175,7 @@ def main() -> None:
                     help="written when the tokenizer's own is not one llama.cpp has")
     ap.add_argument("--tokenize-docs", type=int, default=300, help="validation documents for tokenizer agreement")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--work", default=None, help="keep the children and GGUF files here (default: a temporary dir)")
     args = ap.parse_args()
     if args.worker:
         llama_worker(*args.worker)
@@ -185,7 +205,9 @@ def main() -> None:
     calib = torch.tensor([calib_ids])  # (1, 256) calibration tokens for the initialization
     children = make_children(parent, calib)
 
-    work = Path(tempfile.mkdtemp(prefix="bench-llamacpp-"))
+    tmp = None if args.work else tempfile.TemporaryDirectory(prefix="bench-llamacpp-")
+    work = Path(args.work or tmp.name)  # type: ignore[union-attr]
+    work.mkdir(parents=True, exist_ok=True)
     spec: dict = {"n_ctx": int(max(lengths)) + args.new_tokens + 8, "threads": args.threads,
                   "new_tokens": args.new_tokens, "runs": [], "tokenize": {},
                   "kv_type": {"f32": 0, "f16": 1}[args.kv_cache]}
@@ -214,7 +236,7 @@ def main() -> None:
     rows = []
     for run in meta["runs"]:
         name = run["name"]
-        model = children[name]
+        model = rounded_like_the_file(children[name], args.dtype)
         max_diff, equal, total, positions, prefix = 0.0, 0, 0, 0, 0
         for p, ids in enumerate(prompts):
             lc_logits, lc_greedy = got[f"{name}/{p}/logits"], got[f"{name}/{p}/greedy"]
@@ -260,6 +282,8 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    if tmp is not None:
+        tmp.cleanup()
 
 
 if __name__ == "__main__":
