@@ -126,7 +126,7 @@ def run(ctx: StepContext) -> None:
         not v.no_op and v != getattr(child.model.layers[i], part)
         for i, b in enumerate(blocks) for v, part in zip(b, ("attention_variant", "ffn_variant"), strict=True)
     )
-    library = Library.for_run(ctx) if needs_library else None
+    library = Library.for_run(ctx.store, ctx.config, ctx.parent_dir) if needs_library else None
     build_child(child, blocks, library, coupled=cfg.bld.mode == "coupled")
 
     gkd: dict[str, Any] = {"enabled": False}
