@@ -153,7 +153,8 @@ def run(ctx: StepContext) -> None:
 
 def _task_accuracy_drops(ctx: StepContext, parent: DeciLMForCausalLM, blocks: dict) -> dict:
     """Parent task exact match minus the swapped model's, per (layer, kind, variant) (score.task_examples)."""
-    from puzzle.evaluation import DeciTextGenerator, task_accuracy
+    from puzzle.evaluation import task_accuracy
+    from puzzle.generation import DeciTextGenerator
 
     n, seed = ctx.config.score.task_examples, ctx.config.seed
     gen = DeciTextGenerator(parent, ctx.parent_dir(), batch_size=ctx.config.score.batch_size)
