@@ -84,7 +84,8 @@ def _check_beams(num_beams: int, num_return_sequences: int) -> None:
 class _Generator:
     """Batching, left padding, the stop rule and decoding, shared by both adapters.
 
-    Prompts are sorted by length so a batch pads little; answers go back in the caller's order.
+    Prompts are sorted by length so a batch pads little; answers go back in the caller's order. A batch holds
+    ``batch_size`` sequences: ``batch_size // num_beams`` prompts under beam search, so memory stays put.
     """
 
     def __init__(self, tokenizer: Tokenizer, eos_token_id: Any, pad_token_id: Any, context_length: int,
@@ -140,9 +141,11 @@ class _Generator:
             return []
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: dict[int, list[str]] = {}
+        # batch_size counts sequences: beam search runs num_beams of them per prompt
+        step = max(1, self.batch_size // num_beams)
         with torch.no_grad():
-            for s in range(0, len(order), self.batch_size):
-                idx = order[s : s + self.batch_size]
+            for s in range(0, len(order), step):
+                idx = order[s : s + step]
                 ids, mask = self.encode([prompts[i] for i in idx])
                 seqs = self._generate_ids(ids.to(self.device), mask.to(self.device), max_new_tokens, num_beams,
                                           num_return_sequences)  # (B * R, T + new)
