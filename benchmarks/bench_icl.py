@@ -11,10 +11,12 @@ CPU, the committed tiny parent (trained on 512-token sequences, hence ``--max-co
     python benchmarks/bench_icl.py --model examples/tiny/parent --max-context-tokens 512 --threads 2 \\
         --out runs/bench_icl_tiny.json
 
-GPU, a bigger parent (a Llama or nemotron-nas directory; bf16, large batches)::
+GPU, a bigger parent (a Llama or nemotron-nas directory; bf16 by default on cuda)::
 
-    python benchmarks/bench_icl.py --model /models/Llama-3.1-8B-Instruct --device cuda --batch-size 64 \\
-        --out runs/bench_icl_gpu.json
+    python benchmarks/bench_icl.py --model /models/Llama-3.1-8B-Instruct --device cuda --modes paper \\
+        --out runs/bench_icl_gpu_paper.json
+
+(one mode per command keeps each run short; ``--datasets`` splits further.)
 
 The model is loaded with the project's own loader (``puzzle.model.load_parent``, never remote code) and
 answers through :class:`puzzle.generation.DeciTextGenerator`; ``--backend transformers`` uses
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--batch-size", type=int, help="prompts per generate call (default: 64 on cuda, 16 on cpu)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per forward (beams count; the project's model computes logits for every prompt "
+                        "position in prefill, so keep batch x prompt tokens x vocab in memory)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the dev machine is shared)")
     p.add_argument("--out", type=Path, help="write the full results here as JSON")
     a = p.parse_args(argv)
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = a.device.startswith("cuda")
     dtype = a.dtype or ("bfloat16" if cuda else "float32")
-    batch = a.batch_size or (64 if cuda else 16)
+    batch = a.batch_size
     torch.set_num_threads(a.threads)
     gen = load_generator(a.model, a.backend, a.device, dtype, batch)
     predictor = load_generator(a.predictor, a.backend, a.device, dtype, batch) if a.predictor else None
