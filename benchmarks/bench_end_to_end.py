@@ -83,15 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the results here as JSON")
     a = p.parse_args(argv)
 
-    from puzzle.commands.fetch import open_run
     from puzzle.report import REPORT_JSON, summary_table
+    from puzzle.run import open_run
 
     wall = None
     if a.resume:
         run_uri = a.resume
     else:
         run_uri, wall = run_pipeline(a.config, a.workers)
-    store, _ = open_run(run_uri)
+    store = open_run(run_uri).store
     if not store.exists(REPORT_JSON):
         raise SystemExit(f"{run_uri}: no {REPORT_JSON}; the run has not finished (puzzle run --resume {run_uri})")
     report = store.get_json(REPORT_JSON)

@@ -16,8 +16,10 @@ import math
 import pytest
 import torch
 from puzzle.config import load_config_text
-from puzzle.context import UnitError, create_run, done_key, run_step
+from puzzle.context import run_step
 from puzzle.data.shards import load_tokens, sequences
+from puzzle.errors import UnitError
+from puzzle.layout import done_key
 from puzzle.library import Library
 from puzzle.model import (
     AttentionVariant,
@@ -27,6 +29,7 @@ from puzzle.model import (
     load_parent,
     load_pretrained,
 )
+from puzzle.run import create_run
 from puzzle.store import open_store
 from tinymodels import make_parent, write_text
 
@@ -61,7 +64,7 @@ search_space:
   attention: {{n_heads_in_group: [2, 4], replace_with_linear: {str(serving == 'any').lower()}}}
   ffn: {{ffn_mult: [0.5], replace_with_linear: {str(serving == 'any').lower()}}}
   serving: {serving}
-bld: {{layers_per_unit: 2}}
+bld: {{stage_layers: 2}}
 profile: {{scenarios: [{{name: cpu, batch_size: 2, input_len: 8, output_len: 8}}], warmup: 0, repeats: 1}}
 assemble: {{gkd: {{enabled: {str(gkd).lower()}, tokens: {gkd_tokens}, batch_size: 4, lr: 0.003}}}}
 eval: {{tokens: 256, task_examples: 4, measure_throughput: false}}
@@ -75,7 +78,7 @@ def fill_library(run: str, cfg, parent_dir) -> Library:
     store = open_store(run)
     lib = Library.for_run(store, cfg, parent_dir)
     parent = load_parent(parent_dir)
-    ids = sequences(load_tokens(store, "data/distillation"), 32)[:4]
+    ids = sequences(load_tokens(store, "distillation"), 32)[:4]
     with torch.no_grad():
         _, hidden = parent(ids, output_hidden_states=True)
     for layer in range(len(parent.model.layers)):

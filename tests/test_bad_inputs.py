@@ -7,7 +7,7 @@ Related tests elsewhere: property-based fuzzing of the config loader (tests/test
 every config field's error (test_config.py::test_bad_configs_name_the_field), infeasible solve targets
 (test_score_solve.py::test_infeasible_throughput_names_the_best_achievable), bad bld units
 (test_bld.py::test_bad_units_fail_at_once_with_exit_2), keys the store refuses
-(test_store.py::test_invalid_keys_are_rejected).
+(test_store.py::test_invalid_keys_are_rejected), symbolic links in a file store (test_store.py::test_file_store_*).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from puzzle.cli import main
-from puzzle.context import done_key
+from puzzle.layout import done_key
 from puzzle.store import open_store
 from test_reliability import FFN_UNIT, bld_unit, cli, config_text, small_run
 from tinymodels import make_parent
@@ -59,7 +59,7 @@ def test_unknown_key_exits_2_naming_it_and_the_allowed_keys(tmp_path, cfg_file, 
     cfg_file.write_text(cfg_file.read_text().replace("bld: {", "bld: {lerning_rate: 0.1, "))
     code, err = puzzle(capsys, "run", str(cfg_file))
     assert code == 2
-    assert "bld.lerning_rate: unknown key; allowed keys here: mode, layers_per_unit, tokens" in err
+    assert "bld.lerning_rate: unknown key; allowed keys here: mode, tokens, batch_size" in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -77,8 +77,10 @@ def test_impossible_search_space_through_the_local_runner_exits_2(tmp_path, pare
     cfg.write_text(config_text(tmp_path, parent_dir, f"file://{tmp_path}/runs", groups="[3]"))
     r = cli("run", str(cfg), "--run-id", "bad-space", "--steps", "prepare", "--workers", "1")
     assert r.returncode == 2, r.stderr[-3000:]
-    assert "error: step prepare, unit all: ConfigError:" in r.stderr and "n_heads_in_group" in r.stderr
-    assert trusted_keys(f"file://{tmp_path}/runs/bad-space") == []
+    # refused before the run exists: checked against the parent's config.json, no run folder left behind
+    assert "error: " in r.stderr and "n_heads_in_group: value(s) [3] are not allowed" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "runs" / "bad-space").exists()
 
 
 # ----- the parent -----------------------------------------------------------------------------------
@@ -159,10 +161,31 @@ def test_s3_with_bad_credentials_exits_2_and_writes_nothing(tmp_path, parent_dir
     cfg.write_text(config_text(tmp_path, parent_dir, f"s3://{s3_bucket.name}/runs"))
     r = cli("run", str(cfg), "--steps", "prepare", env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"})
     assert r.returncode == 2, r.stderr[-3000:]  # refused credentials: bad input, never retried
-    assert "the S3 credentials were refused" in r.stderr and "SignatureDoesNotMatch" in r.stderr
+    # the first request is the HEAD that checks the run id is free; HEAD answers carry no error code
+    assert "credentials were refused" in r.stderr
     assert f"s3://{s3_bucket.name}/runs/t-" in r.stderr and "/config.yaml" in r.stderr
     assert "Traceback" not in r.stderr
     assert s3_bucket.server.client().list_objects_v2(Bucket=s3_bucket.name).get("KeyCount") == 0
+
+
+@pytest.mark.parametrize("linked", ["data", "plan"])
+def test_run_folder_with_a_symlink_to_outside_exits_2_and_writes_nothing_there(tmp_path, parent_dir, capsys,
+                                                                                 linked):
+    """Issue #16: a directory of the run folder replaced by a link to a folder outside the store. prepare
+    refuses the first key under it (bad input, exit 2, naming the key and the link) and writes nothing
+    through it; no plan and no done marker appear."""
+    uri = small_run(tmp_path, parent_dir, prepare=False)
+    run = tmp_path / "runs" / "run-a"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run / linked).symlink_to(outside, target_is_directory=True)
+    code, err = puzzle(capsys, "step", "prepare", "--run", uri)
+    assert code == 2, err
+    assert f"error: step prepare, unit all: {uri}/{linked}/" in err, err
+    assert f"key '{linked}/" in err and f"symbolic link '{run / linked}' -> '{outside}'" in err, err
+    assert "Traceback" not in err
+    assert list(outside.iterdir()) == [], "written outside the store through the link"
+    assert not (run / "done").exists() and (linked == "plan" or not (run / "plan").exists())
 
 
 def test_s3_bad_bucket_name_exits_2(tmp_path, parent_dir, capsys):
@@ -188,11 +211,14 @@ def test_bad_unit_ids_exit_2(tmp_path, parent_dir, capsys, unit, message):
 def test_unit_fields_cannot_reach_outside_the_run(tmp_path, parent_dir, capsys):
     uri = small_run(tmp_path, parent_dir)
     before = open_store(uri).list()
-    bad = {**bld_unit(uri), "id": "evil", "variant": "../../../../tmp/evil"}
+    bad = {**bld_unit(uri), "id": "evil", "blocks": ["../../../../tmp/evil"]}
     code, err = puzzle(capsys, "step", "bld", "--run", uri, "--unit", json.dumps(bad))
-    assert code == 2 and "unit evil: variant:" in err
-    assert open_store(uri).list() == before
-    assert not list((tmp_path / "runs").rglob("*evil*"))
+    assert code == 2 and "unit evil: blocks:" in err
+    # only the unit's failure record (for `puzzle status`) was added, at its own key
+    added = sorted(set(open_store(uri).list()) - set(before))
+    assert added == ["failed/bld/evil.json"]
+    assert "blocks:" in open_store(uri).get_json("failed/bld/evil.json")["error"]
+    assert not [p for p in (tmp_path / "runs").rglob("*evil*") if "failed" not in p.relative_to(tmp_path).parts]
 
 
 @pytest.mark.parametrize("run_id", ["../evil", "Evil", "a/b", "-x", "x" * 64])

@@ -1,6 +1,7 @@
-"""The bld step: a tiny library trains through ``puzzle step bld`` on CPU, every trained block improves
-on its initialization, a killed unit resumes to the same weights, a second run reuses the library, and
-bad units fail at once with exit status 2."""
+"""The bld step: a tiny library trains through ``puzzle step bld`` on CPU as one stage (every block of two
+layers from one parent pass per batch), every trained block improves on its initialization, a block's
+weights do not depend on which stage trained it or on whether the parent streamed, a killed unit resumes
+to the same weights, a second run reuses the library, and bad units fail at once with exit status 2."""
 
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import pytest
 import torch
 from puzzle.cli import main
 from puzzle.config import parse_config
-from puzzle.context import done_key
 from puzzle.data.shards import load_tokens, sequences
+from puzzle.layout import done_key
 from puzzle.library import Library
 from puzzle.model import load_parent, normalized_mse
-from puzzle.steps.bld import KILL_ENV, lr_at
+from puzzle.steps.bld import KILL_ENV
 from puzzle.store import open_store
+from puzzle.training import Schedule
 from test_library import make_config, make_parent, make_run
 
 torch.set_num_threads(1)
@@ -37,10 +39,10 @@ UNITS = [
 ]
 
 
-def unit(variant: str, kind: str, layers=(0, 2)) -> dict:
-    # unit ids allow no '+': prepare writes coupled ids with '_' (the variant keeps its '+')
-    return {"id": f"{variant}.l{layers[0]:03d}-{layers[1]:03d}".replace("+", "_"), "kind": kind, "variant": variant,
-            "layers": list(layers)}
+def unit(blocks: str | list[str], layers=(0, 2), uid: str | None = None, **extra) -> dict:
+    """A stage unit as prepare plans it: the blocks it trains over layers [start, end)."""
+    blocks = [blocks] if isinstance(blocks, str) else list(blocks)
+    return {"id": uid or f"bld.l{layers[0]:03d}-{layers[1]:03d}", "layers": list(layers), "blocks": blocks, **extra}
 
 
 def step(run_uri: str, u: dict) -> int:
@@ -61,8 +63,7 @@ def trained(tmp_path_factory, parent_dir):
     """One run whose whole library (every variant, both layers) trained through the CLI."""
     root = tmp_path_factory.mktemp("runs")
     uri = make_run(root, parent_dir, **BLD)
-    for kind, v in UNITS:
-        assert step(uri, unit(v, kind)) == 0
+    assert step(uri, unit([v for _, v in UNITS])) == 0  # one stage: every block of both layers
     return root, uri
 
 
@@ -87,7 +88,7 @@ def test_whole_library_trains_and_every_block_improves(trained, parent_dir):
     # the checkpoints of finished units are gone
     assert lib.store.list("checkpoints") == []
     # metrics per unit, labelled by layer and variant
-    prom = open_store(uri).get_text("metrics/bld-attn_g4.l000-002.prom")
+    prom = open_store(uri).get_text("metrics/bld-bld.l000-002.prom")
     for name in ("puzzle_bld_loss", "puzzle_bld_tokens_per_second", "puzzle_bld_seconds"):
         assert f'{name}{{layer="1",' in prom and 'variant="attn_g4"' in prom
 
@@ -98,7 +99,7 @@ def test_applied_block_reproduces_its_recorded_nmse_in_the_model(trained, parent
     root, uri = trained
     lib = library(uri, root, parent_dir)
     store = open_store(uri)
-    ids = sequences(load_tokens(store, "data/validation")[:512], 32)  # (16, 32)
+    ids = sequences(load_tokens(store, "validation")[:512], 32)  # (16, 32)
     parent = load_parent(parent_dir)
     for layer, v, kind in ((1, "attn_g4", "attention"), (0, "ffn_m0.5", "ffn"), (1, "attn_linear", "attention")):
         child = load_parent(parent_dir)
@@ -117,14 +118,32 @@ def test_second_run_reuses_the_library(trained, parent_dir):
     root, uri = trained
     before = library(uri, root, parent_dir).meta(0, "attn_g4")
     uri2 = make_run(root, parent_dir, run_id="run-again", **BLD)
-    assert step(uri2, unit("attn_g4", "attention")) == 0
+    assert step(uri2, unit("attn_g4")) == 0
     lib2 = library(uri2, root, parent_dir)
     assert lib2.digest == library(uri, root, parent_dir).digest
     assert lib2.meta(0, "attn_g4") == before  # not retrained: the very same entry
     store2 = open_store(uri2)
-    assert store2.exists(done_key("bld", "attn_g4.l000-002"))
-    prom = store2.get_text("metrics/bld-attn_g4.l000-002.prom")
+    assert store2.exists(done_key("bld", "bld.l000-002"))
+    prom = store2.get_text("metrics/bld-bld.l000-002.prom")
     assert 'puzzle_bld_reused{layer="0",' in prom and "} 1.0" in prom.split("puzzle_bld_reused{")[1]
+
+
+def _weights(lib: Library) -> dict[str, torch.Tensor]:
+    return {f"{layer}/{k}": t for layer in (0, 1) for k, t in lib.load_block(layer, "ffn_m0.5").items()}
+
+
+def test_a_block_does_not_depend_on_its_stage_or_on_streaming(trained, tmp_path, parent_dir):
+    """attn_g4 at layer 1 trained alone (a stage of layer 1 only, the parent's layer 0 streamed from its
+    file) equals the one trained beside every other block in the two-layer stage (parent resident)."""
+    root, uri = trained
+    uri2 = make_run(tmp_path, parent_dir, **BLD)
+    assert step(uri2, unit("attn_g4", (1, 2), resident_layers=[])) == 0
+    a, b = library(uri, root, parent_dir), library(uri2, tmp_path, parent_dir)
+    wa, wb = a.load_block(1, "attn_g4"), b.load_block(1, "attn_g4")
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
+    assert b.meta(1, "attn_g4")["final_nmse"] == pytest.approx(a.meta(1, "attn_g4")["final_nmse"], rel=1e-5)
 
 
 def _weights(lib: Library) -> dict[str, torch.Tensor]:
@@ -133,7 +152,7 @@ def _weights(lib: Library) -> dict[str, torch.Tensor]:
 
 def test_killed_unit_resumes_to_the_same_weights(tmp_path, parent_dir):
     cfg = {**BLD, "tokens": 8 * 32 * 16, "checkpoint_every": 5}
-    u = unit("ffn_m0.5", "ffn")
+    u = unit(["ffn_m0.5", "attn_g4"])
     # uninterrupted
     uri_a = make_run(tmp_path / "a", parent_dir, **cfg)
     assert step(uri_a, u) == 0
@@ -163,10 +182,34 @@ def test_killed_unit_resumes_to_the_same_weights(tmp_path, parent_dir):
             assert lb == pytest.approx(la, abs=1e-6)
 
 
+def test_an_unreadable_checkpoint_is_discarded_and_the_unit_starts_over(tmp_path, parent_dir):
+    """RELIABILITY.md's known gap: a checkpoint whose tensors were lost made every retry fail; now the unit
+    starts over (and ends as an uninterrupted run would)."""
+    cfg = {**BLD, "tokens": 8 * 32 * 10, "checkpoint_every": 5}
+    u = unit("ffn_m0.5")
+    uri_a = make_run(tmp_path / "a", parent_dir, **cfg)
+    assert step(uri_a, u) == 0
+    uri_b = make_run(tmp_path / "b", parent_dir, **cfg)
+    env = {**os.environ, KILL_ENV: "6", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "puzzle.cli", "step", "bld", "--run", uri_b, "--unit",
+                           json.dumps(u)], env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL
+    lib_b = Library.for_run(open_store(uri_b), parse_config(make_config(tmp_path / "b", parent_dir, **cfg)))
+    ckpt = lib_b.checkpoints(u["id"])
+    for k in ckpt.list():
+        if k.endswith(".safetensors"):
+            ckpt.delete(k)  # the tensors are gone; state.json still names them
+    assert step(uri_b, u) == 0
+    lib_a = Library.for_run(open_store(uri_a), parse_config(make_config(tmp_path / "a", parent_dir, **cfg)))
+    wa, wb = _weights(lib_a), _weights(lib_b)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6)
+
+
 def test_coupled_mode_trains_whole_blocks(tmp_path, parent_dir):
     cfg = {**BLD, "mode": "coupled", "tokens": 8 * 32 * 30}
     uri = make_run(tmp_path, parent_dir, **cfg)
-    assert step(uri, unit("attn_g4+ffn_m0.5", "block", (1, 2))) == 0
+    assert step(uri, unit("attn_g4+ffn_m0.5", (1, 2))) == 0
     lib = Library.for_run(open_store(uri), parse_config(make_config(tmp_path, parent_dir, **cfg)))
     m = lib.meta(1, "attn_g4+ffn_m0.5")
     assert m["final_nmse"] < m["initial_nmse"] and m["mode"] == "coupled"
@@ -182,12 +225,12 @@ def test_a_block_that_training_made_worse_keeps_its_initialization(tmp_path, par
     """lr 1.0 wrecks the trained weights; the library then holds the (better) initialized block."""
     cfg = {**BLD, "lr": 1.0, "tokens": 8 * 32 * 6}
     uri = make_run(tmp_path, parent_dir, **cfg)
-    assert step(uri, unit("ffn_m1.0", "ffn", (1, 2))) == 0
+    assert step(uri, unit("ffn_m1.0", (1, 2))) == 0
     lib = Library.for_run(open_store(uri), parse_config(make_config(tmp_path, parent_dir, **cfg)))
     m = lib.meta(1, "ffn_m1.0")
     assert m["kept"] == "initial" and m["trained_nmse"] > m["initial_nmse"] == m["final_nmse"]
     # the stored weights are the initialization: swapped in, they reproduce the initial error
-    ids = sequences(load_tokens(open_store(uri), "data/validation")[:512], 32)
+    ids = sequences(load_tokens(open_store(uri), "validation")[:512], 32)
     parent, child = load_parent(parent_dir), load_parent(parent_dir)
     lib.apply(child, 1, "ffn_m1.0")
     with torch.no_grad():
@@ -199,12 +242,13 @@ def test_a_block_that_training_made_worse_keeps_its_initialization(tmp_path, par
 @pytest.mark.parametrize(
     ("u", "message"),
     [
-        (unit("attn_g3", "attention"), "n_heads_in_group 3 does not divide the parent's 4 heads"),
-        (unit("attn_bogus", "attention"), "'attn_bogus' is not allowed"),
-        (unit("ffn_m0.5", "attention"), "'ffn_m0.5' is not a attention variant"),
-        (unit("attn_g4", "attention", (1, 3)), r"layers: \[1, 3\] is outside the parent, which has 2 layers"),
-        (unit("attn_g4", "block"), "only allowed with bld.mode 'coupled'"),
-        ({"id": "x", "kind": "ffn", "variant": "ffn_noop"}, "field 'layers' is missing"),
+        (unit("attn_g3"), "n_heads_in_group 3 does not divide the parent's 4 attention heads"),
+        (unit("attn_bogus"), "'attn_bogus' is not allowed"),
+        (unit("attn_g4", (1, 3)), r"layers: \[1, 3\] is outside the parent, which has 2 layers"),
+        (unit("attn_g4+ffn_m0.5"), "is a block variant, which bld.mode 'decoupled' does not train"),
+        (unit([]), r"blocks: \[\] is not allowed"),
+        ({"id": "x", "blocks": ["ffn_noop"]}, "field 'layers' is missing"),
+        (unit("attn_g4", resident_layers=[5]), r"resident_layers: \[5\] is not allowed"),
     ],
 )
 def test_bad_units_fail_at_once_with_exit_2(tmp_path, parent_dir, capsys, u, message):
@@ -218,22 +262,23 @@ def test_bad_units_fail_at_once_with_exit_2(tmp_path, parent_dir, capsys, u, mes
 
 def test_out_of_memory_names_the_unit_and_the_batch_size(tmp_path, parent_dir, monkeypatch, capsys):
     """CUDA cannot run here, so the trainer's step raises the out-of-memory error a GPU would (a mock)."""
-    from puzzle.steps import bld
+    from puzzle.distill.bld import StageTrainer
 
     def oom(self, *a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(bld.Trainer, "train", oom)
+    monkeypatch.setattr(StageTrainer, "train", oom)
     uri = make_run(tmp_path, parent_dir, **BLD)
-    assert step(uri, unit("attn_g4", "attention")) == 1
+    assert step(uri, unit("attn_g4")) == 1
     err = capsys.readouterr().err
-    assert "bld unit attn_g4.l000-002: CUDA out of memory with bld.batch_size=8" in err
+    assert "bld unit bld.l000-002: CUDA out of memory with bld.batch_size=8" in err
     assert "lower bld.batch_size (e.g. to 4)" in err
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():
-    lrs = [lr_at(s, 100, 1.0, 0.1) for s in range(100)]
+    sched = Schedule.from_fraction(100, 1.0, 0.1)
+    lrs = [sched.lr(s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
-    assert lrs[-1] < 0.001 and lr_at(100, 100, 1.0, 0.1) == 0.0
-    assert lr_at(0, 10, 2.0, 0.0) == 2.0
+    assert lrs[-1] < 0.001 and sched.lr(100) == 0.0
+    assert Schedule.from_fraction(10, 2.0, 0.0).lr(0) == 2.0

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from puzzle.config import ConfigError
-from puzzle.context import UnitError, run_step
+from puzzle.context import run_step
+from puzzle.errors import UnitError
 from puzzle.evaluation import compare_to_parent, lm_eval_results, load_task_spec
 from puzzle.generation import DeciTextGenerator
 from puzzle.model import load_parent
@@ -114,7 +115,7 @@ def test_evaluate_refuses_an_incomplete_child(evaluated):
     run, _ = evaluated
     store = open_store(run)
     store.put_bytes("child/baseline-layer-drop/config.json", b"{}")  # a killed upload: no complete.json
-    with pytest.raises(UnitError, match=r"child/baseline-layer-drop is not complete"):
+    with pytest.raises(UnitError, match=r"child 'baseline-layer-drop' is incomplete"):
         run_step("evaluate", run, unit(run, "baseline-layer-drop"))
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from puzzle.config import parse_config
-from puzzle.context import create_run
 from puzzle.data.shards import write_shards
 from puzzle.library import (
     RUN_RECORD_KEY,
@@ -21,10 +20,10 @@ from puzzle.library import (
     digest_of,
     library_key,
     parent_weights_sha256,
-    runs_root_uri,
-    split_variant,
 )
 from puzzle.model import AttentionVariant, FFNVariant, build_attention, build_ffn, load_parent
+from puzzle.model import split_name as split_variant
+from puzzle.run import create_run, runs_root_uri
 from puzzle.store import open_store
 
 torch.set_num_threads(1)
@@ -75,8 +74,8 @@ def make_run(root: Path, parent: Path, run_id: str = "run-a", data_seed: int = 1
     config = parse_config(make_config(root, parent, **bld))
     uri = create_run(config, run_id=run_id)
     store = open_store(uri)
-    write_shards(store, "data/distillation", markov_tokens(6000, data_seed), 4096, {"sha256": f"d{data_seed}"})
-    write_shards(store, "data/validation", markov_tokens(1024, data_seed + 100), 4096, {"sha256": f"v{data_seed}"})
+    write_shards(store, "distillation", markov_tokens(6000, data_seed), 4096, {"sha256": f"d{data_seed}"})
+    write_shards(store, "validation", markov_tokens(1024, data_seed + 100), 4096, {"sha256": f"v{data_seed}"})
     return uri
 
 
@@ -96,7 +95,7 @@ def test_digest_depends_on_parent_data_and_hyperparameters_only(tmp_path, parent
     uri2 = make_run(tmp_path / "r2", parent_dir, run_id="run-b")
     assert digest_of(library_key(open_store(uri2), config, parent_dir)) == base
     # how units are cut and how often they checkpoint do not change a block
-    c2 = parse_config(make_config(tmp_path, parent_dir, layers_per_unit=1, checkpoint_every=7))
+    c2 = parse_config(make_config(tmp_path, parent_dir, stage_layers=1, checkpoint_every=7))
     assert digest_of(library_key(store, c2, parent_dir)) == base
     # a hyperparameter, the data or the parent's weights do
     c3 = parse_config(make_config(tmp_path, parent_dir, lr=1e-4))
@@ -178,8 +177,8 @@ def test_library_on_s3_lives_beside_the_runs(s3_bucket, tmp_path, parent_dir):
     config = parse_config(data)
     uri = create_run(config, run_id="run-s3")
     store = open_store(uri, config.store)
-    write_shards(store, "data/distillation", markov_tokens(600, 1), 4096, {"sha256": "d"})
-    write_shards(store, "data/validation", markov_tokens(200, 2), 4096, {"sha256": "v"})
+    write_shards(store, "distillation", markov_tokens(600, 1), 4096, {"sha256": "d"})
+    write_shards(store, "validation", markov_tokens(200, 2), 4096, {"sha256": "v"})
     lib = Library.for_run(store, config, parent_dir)
     assert lib.uri == f"{s3_bucket.uri}/runs/library/{lib.digest}"
     sd = {"post_attention_layernorm.weight": torch.rand(64), "mlp.linear_mlp.weight": torch.rand(64, 64)}

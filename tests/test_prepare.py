@@ -6,8 +6,10 @@ import json
 
 import pytest
 from puzzle.config import ConfigError, load_config_text
-from puzzle.context import create_run, done_key, run_step
+from puzzle.context import run_step
 from puzzle.data.shards import batch_indices, load_tokens, sequences
+from puzzle.layout import done_key
+from puzzle.run import create_run
 from puzzle.store import open_store
 from tinymodels import make_parent, write_text
 
@@ -23,7 +25,7 @@ data: {{distillation_uri: {train}, validation_uri: {valid}, seq_len: 32, shard_t
 search_space:
   attention: {{n_heads_in_group: {over.get('groups', [2, 4, 8])}}}
   ffn: {{ffn_mult: [0.5, 1.0]}}
-bld: {{mode: {over.get('mode', 'decoupled')}, layers_per_unit: 1}}
+bld: {{mode: {over.get('mode', 'decoupled')}, stage_layers: 1}}
 profile: {{scenarios: [{{name: cpu, batch_size: 2, input_len: 8, output_len: 8}}]}}
 store: {{uri: "file://{tmp_path}/runs"}}
 """
@@ -36,7 +38,7 @@ def test_prepare_writes_shards_and_plans(tmp_path):
     assert run_step("prepare", run, {"id": "all"})
     store = open_store(run)
     assert store.exists(done_key("prepare", "all"))
-    toks = load_tokens(store, "data/distillation")
+    toks = load_tokens(store, "distillation")
     man = store.get_json("data/distillation/manifest.json")
     assert man["tokens"] == len(toks) > 2048 and len(man["shards"]) >= 2
     assert int(toks.max()) < 64 and int(toks.min()) >= 0
@@ -50,11 +52,15 @@ def test_prepare_writes_shards_and_plans(tmp_path):
     # parent: 8 heads / 4 kv heads = attn_g2; its FFN is ffn_i160
     assert variants["attention"][0] == "attn_g2" and variants["ffn"][0] == "ffn_i160"
     bld = store.get_json("plan/bld.json")
-    trained = {u["variant"] for u in bld}
-    assert "attn_g2" not in trained and "ffn_i160" not in trained
-    assert {"attn_g4", "attn_g8", "attn_linear", "attn_noop", "ffn_linear", "ffn_noop"} <= trained
-    assert all(u["layers"][1] - u["layers"][0] == 1 for u in bld)
+    # one stage per layer (bld.stage_layers: 1), each training every non-parent variant there
+    assert [u["layers"] for u in bld] == [[0, 1], [1, 2]]
+    for u in bld:
+        assert "attn_g2" not in u["blocks"] and "ffn_i160" not in u["blocks"]
+        assert {"attn_g4", "attn_g8", "attn_linear", "attn_noop", "ffn_linear", "ffn_noop"} <= set(u["blocks"])
     assert len({u["id"] for u in bld}) == len(bld)
+    cost = store.get_json("plan/cost.json")
+    assert [r["step"] for r in cost["steps"]][:2] == ["prepare", "bld"] and cost["estimate"] is True
+    assert cost["steps"][1]["units"] == 2 and cost["steps"][1]["gpu_hours"] > 0
     prof = store.get_json("plan/profile.json")
     assert {u["variant"] for u in prof} == set(variants["attention"]) | set(variants["ffn"]) | {"non_block"}
     assert store.get_json("plan/score.json") == [{"id": "score.l000-002", "layers": [0, 2]}]
@@ -68,7 +74,7 @@ def test_prepare_writes_argo_outputs(tmp_path):
     out = tmp_path / "outputs"
     run_step("prepare", run, {"id": "all"}, outputs_dir=out)
     bld = json.loads((out / "bld.json").read_text())
-    assert bld and all(u["kind"] == "block" and "+" in u["variant"] for u in bld)
+    assert bld and all(all("+" in b for b in u["blocks"]) for u in bld)
     assert json.loads((out / "score.json").read_text()) == open_store(run).get_json("plan/score.json")
 
 

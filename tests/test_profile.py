@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from puzzle.config import ProfileConfig, Scenario, parse_config
-from puzzle.context import UnitError, create_run, run_step
+from puzzle.context import run_step
+from puzzle.errors import UnitError
 from puzzle.model import AttentionVariant, FFNVariant, expand_search_space
 from puzzle.model.io import parent_model_config
 from puzzle.profiling.engine import attended_length, decode_contexts
@@ -25,6 +26,7 @@ from puzzle.profiling.profiler import (
     profile_unit,
 )
 from puzzle.profiling.roofline import estimate_costs
+from puzzle.run import create_run
 from puzzle.store import open_store
 
 torch.set_num_threads(1)

@@ -26,8 +26,10 @@ from pathlib import Path
 import pytest
 import torch
 from puzzle.config import load_config_text
-from puzzle.context import create_run, done_key, run_step
+from puzzle.context import run_step
+from puzzle.layout import done_key
 from puzzle.library import Library
+from puzzle.run import create_run
 from puzzle.store import open_store
 from tinymodels import make_parent, write_text
 
@@ -37,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 # one thread per process: the suite shares 2 cores with other sessions
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
              "PYTHONUNBUFFERED": "1"}
-FFN_UNIT = "ffn_m0.5.l000-002"
+FFN_UNIT = "bld.l000-002"  # the one stage: attn_g4 and ffn_m0.5 over layers 0-1
 
 
 def config_text(tmp: Path, parent: Path, store_uri: str, *, bld_steps: int = 40, extra: str = "",
@@ -55,7 +57,7 @@ data: {{distillation_uri: {train}, validation_uri: {valid}, seq_len: {seq_len}, 
 search_space:
   attention: {{n_heads_in_group: {groups}, replace_with_linear: false, no_op: false}}
   ffn: {{ffn_mult: [0.5], replace_with_linear: false, no_op: false}}
-bld: {{layers_per_unit: 2, tokens: {batch_size * seq_len * bld_steps}, batch_size: {batch_size},
+bld: {{stage_layers: 2, tokens: {batch_size * seq_len * bld_steps}, batch_size: {batch_size},
        checkpoint_every: {checkpoint_every}, eval_tokens: 256, calibration_tokens: 256}}
 profile: {{scenarios: [{{name: cpu, batch_size: 2, input_len: 8, output_len: 8}}]}}
 store: {{uri: "{store_uri}"}}
@@ -322,12 +324,12 @@ def test_out_of_memory_names_the_step_and_unit(tmp_path, parent_dir):
     process whose address space (RLIMIT_AS) has 96 MiB left after its imports."""
     uri = small_run(tmp_path, parent_dir, batch_size=512, seq_len=128, bld_steps=2)
     store = open_store(uri)
-    u = bld_unit(uri, "attn_g4.l000-002")
+    u = bld_unit(uri)
     r = subprocess.run([sys.executable, "-c", OOM_WRAPPER, "step", "bld", "--run", uri, "--unit", json.dumps(u)],
                        env={**os.environ, **CHILD_ENV, "HEADROOM_BYTES": str(96 * 2**20)}, capture_output=True,
                        text=True, timeout=300, check=False)
     assert r.returncode == 1, r.stderr[-3000:]
-    assert "error: step bld, unit attn_g4.l000-002: out of memory" in r.stderr, r.stderr[-3000:]
+    assert "error: step bld, unit bld.l000-002: out of memory" in r.stderr, r.stderr[-3000:]
     assert "lower the step's batch_size in the config (bld.batch_size)" in r.stderr
     assert "Traceback" not in r.stderr
     assert not store.exists(done_key("bld", u["id"]))

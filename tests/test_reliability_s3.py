@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import services
 from puzzle.config import load_config_text
-from puzzle.context import create_run, done_key, run_step
+from puzzle.context import run_step
+from puzzle.layout import done_key
+from puzzle.run import create_run
 from puzzle.store import open_store
 from test_reliability import (
     CHILD_ENV,
@@ -153,8 +155,8 @@ def test_s3_stopped_mid_bld_retries_fails_clearly_then_resumes_with_nothing_lost
     added = sorted(set(after) - set(before))
     assert added == [done_key("bld", FFN_UNIT), "library.json", f"metrics/bld-{FFN_UNIT}.prom"], added
     lib = library_of(uri)
-    assert lib.store.list() == ["000/ffn_m0.5/meta.json", "000/ffn_m0.5/weights.safetensors",
-                                "001/ffn_m0.5/meta.json", "001/ffn_m0.5/weights.safetensors", "key.json"]
+    assert lib.store.list() == [f"{layer:03d}/{v}/{f}" for layer in (0, 1) for v in ("attn_g4", "ffn_m0.5")
+                                for f in ("meta.json", "weights.safetensors")] + ["key.json"]
     raw = _bucket_keys(own_s3.client(), bucket)
     assert not [k for k in raw if ".puzzle-" in k], "no temporary or bookkeeping objects"
 

@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from puzzle.config import load_config_text
-from puzzle.context import UnitError, create_run, run_step
+from puzzle.context import run_step
 from puzzle.data.shards import load_tokens, sequences
-from puzzle.errors import BadInputError
+from puzzle.errors import BadInputError, UnitError
 from puzzle.library import Library
 from puzzle.model import load_parent
+from puzzle.run import create_run
 from puzzle.store import open_store
 from tinymodels import make_parent, write_text
 
@@ -28,7 +29,7 @@ data: {{distillation_uri: {train}, validation_uri: {valid}, seq_len: 32}}
 search_space:
   attention: {{n_heads_in_group: [4]}}
   ffn: {{ffn_mult: [0.5]}}
-bld: {{layers_per_unit: 2, tokens: 1024, batch_size: 4, eval_tokens: 256, calibration_tokens: 256}}
+bld: {{stage_layers: 2, tokens: 1024, batch_size: 4, eval_tokens: 256, calibration_tokens: 256}}
 score: {{tokens: 320, batch_size: 4, layers_per_unit: 1}}
 profile: {{scenarios: [{{name: cpu, batch_size: 2, input_len: 8, output_len: 8}}], repeats: 3, warmup: 1}}
 solve: {{throughput: [{{scenario: cpu, min_speedup: 1.2}}], num_solutions: 3, min_hamming_distance: 2, pareto_points: 4}}
@@ -70,7 +71,7 @@ def test_score_equals_a_full_forward_of_the_swapped_model(scored_run):
     parent = load_parent(parent_dir).eval()
     child = load_parent(parent_dir).eval()
     Library.for_run(store, cfg).apply(child, 1, "attn_linear")
-    ids = sequences(load_tokens(store, "data/validation"), 32)[:10]
+    ids = sequences(load_tokens(store, "validation"), 32)[:10]
     with torch.no_grad():
         lp = F.log_softmax(parent(ids).float(), -1)
         lc = F.log_softmax(child(ids).float(), -1)
@@ -110,9 +111,18 @@ def test_solve_returns_optimal_diverse_constraint_respecting_children(scored_run
     units = store.get_json("plan/assemble.json")
     ids = [u["id"] for u in units]
     assert ids[0] == "parent" and ids[1] == "sol-0"
-    assert {"baseline-uniform-ffn", "baseline-layer-drop"} <= set(ids)
-    drop = next(u for u in units if u["id"] == "baseline-layer-drop")
-    assert any(b == {"attention": "attn_noop", "ffn": "ffn_noop"} for b in drop["block_configs"])
+    # each baseline family brackets the child's predicted throughput: one setting below it, one at or above
+    target = sols[0]["predicted"]["cpu"]["tokens_per_s"]
+    for kind in ("uniform_ffn", "layer_drop"):
+        family = [u for u in units if u["kind"] == kind]
+        assert 1 <= len(family) <= 2 and all(u["description"] for u in family)
+        speeds = sorted(u["predicted"]["cpu"]["tokens_per_s"] for u in family)
+        if len(family) == 2:
+            assert speeds[0] < target <= speeds[1]
+    drops = [u for u in units if u["kind"] == "layer_drop"]
+    assert all(any(b == {"attention": "attn_noop", "ffn": "ffn_noop"} for b in u["block_configs"]) for u in drops)
+    assert [u["id"] for u in drops] == sorted(u["id"] for u in drops) and all(u["id"].startswith("baseline-drop-")
+                                                                              for u in drops)
 
 
 def test_infeasible_throughput_names_the_best_achievable(scored_run, tmp_path):
@@ -149,7 +159,7 @@ data: {{distillation_uri: {repo}/examples/tiny/data/valid.txt, validation_uri: {
 search_space:
   attention: {{n_heads_in_group: [2], replace_with_linear: false}}
   ffn: {{ffn_mult: [], replace_with_linear: false}}
-bld: {{layers_per_unit: 6, tokens: 64, batch_size: 1, eval_tokens: 64, calibration_tokens: 64}}
+bld: {{stage_layers: 6, tokens: 64, batch_size: 1, eval_tokens: 64, calibration_tokens: 64}}
 score: {{tokens: 128, batch_size: 8, layers_per_unit: 1, task_examples: 8, metric: task_accuracy}}
 profile: {{scenarios: [{{name: cpu, batch_size: 1, input_len: 8, output_len: 8}}]}}
 store: {{uri: "file://{tmp_path}/runs"}}

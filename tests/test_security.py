@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from puzzle import k8s, pipeline
 from puzzle.config import ConfigError, load_config_text
-from puzzle.context import create_run, run_id_of
+from puzzle.run import create_run, run_id_of
 from puzzle.store import InvalidKeyError, open_store, validate_key
 from services import ACCESS_KEY, SECRET_KEY
 from test_chart import SCENARIOS, render
@@ -332,7 +332,7 @@ def test_no_key_reaches_outside_the_store_root(tmp_path_factory, key):
 
 @given(st.lists(st.sampled_from(list("ab-/.") + [".."]), min_size=1, max_size=10).map("".join))
 def test_no_run_uri_with_traversal_is_accepted(tmp_path_factory, tail):
-    from puzzle.context import RUN_ID_RE
+    from puzzle.run import RUN_ID_RE
 
     uri = f"file://{tmp_path_factory.getbasetemp() / 'ids-root'}/{tail}"
     try:

@@ -438,3 +438,218 @@ def test_join_uri() -> None:
     assert join_uri("s3://b") == "s3://b"
     with pytest.raises(InvalidKeyError, match="'..'"):
         join_uri("s3://b", "../c")
+
+
+# ----- symbolic links in a file store (issue #16) -------------------------------------------------------
+# The file store follows no link below its root: a key whose path, or a directory above it, is a link is
+# refused as bad input (exit 2) naming the key, the link and where it points, for reads and writes alike.
+# A root given through a link works (it is resolved once, when the store is opened).
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (not following links) with its bytes: what "nothing changed" compares."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _refused(op, key: str | None, link: Path, target: Path) -> InvalidKeyError:
+    """``op()`` raises bad input naming ``key`` (unless None), the link and where it points."""
+    with pytest.raises(InvalidKeyError) as err:
+        op()
+    msg = str(err.value)
+    assert (key is None or repr(key) in msg) and str(link) in msg and str(target) in msg, msg
+    assert "symbolic link" in msg and "outside the store root" in msg, msg
+    from puzzle.errors import exit_code
+
+    assert exit_code(err.value) == 2, "a link in the run folder is bad input: never retried"
+    return err.value
+
+
+@pytest.fixture
+def linked(tmp_path: Path) -> tuple[FileStore, Path, Path]:
+    """A run store whose ``data`` directory is a link to a folder outside it that holds a valid object
+    (so that following the link would succeed), and whose ``plan`` directory is a link to an empty folder."""
+    outside = tmp_path / "outside"
+    open_store(f"file://{outside}").put_bytes("secret.bin", b"not the run's")
+    empty = tmp_path / "outside-empty"
+    empty.mkdir()
+    store = open_store(f"file://{tmp_path}/runs/run-1")
+    assert isinstance(store, FileStore)
+    store.put_text("config.yaml", "name: t\n")
+    (store.root / "data").symlink_to(outside, target_is_directory=True)
+    (store.root / "plan").symlink_to(empty, target_is_directory=True)
+    return store, outside, empty
+
+
+LINKED_OPS = {
+    "put_bytes": ("plan/bld.json", lambda s, t: s.put_bytes("plan/bld.json", b"[]")),
+    "put_bytes_deep": ("plan/sub/bld.json", lambda s, t: s.put_json("plan/sub/bld.json", [])),
+    "put_over_outside": ("data/secret.bin", lambda s, t: s.put_bytes("data/secret.bin", b"overwritten")),
+    "put_file": ("plan/x.bin", lambda s, t: s.put_file("plan/x.bin", __file__)),
+    "get_bytes": ("data/secret.bin", lambda s, t: s.get_bytes("data/secret.bin")),
+    "get_file": ("data/secret.bin", lambda s, t: s.get_file("data/secret.bin", t / "dst" / "secret.bin")),
+    "exists": ("data/secret.bin", lambda s, t: s.exists("data/secret.bin")),
+    "list_prefix": ("data", lambda s, t: s.list("data")),
+    "list_below": ("data/x", lambda s, t: s.list("data/x")),
+    "delete": ("data/secret.bin", lambda s, t: s.delete("data/secret.bin")),
+    "child": ("data", lambda s, t: s.child("data")),
+    "child_below": ("plan/sub", lambda s, t: s.child("plan/sub")),
+    "upload_dir": ("plan/model/a.txt", lambda s, t: s.upload_dir("plan/model", _local_dir(t))),
+    "download_dir": ("data", lambda s, t: s.download_dir("data", t / "dst")),
+}
+
+
+def _local_dir(tmp: Path) -> Path:
+    src = tmp / "local-model"
+    src.mkdir(exist_ok=True)
+    (src / "a.txt").write_text("a")
+    return src
+
+
+@pytest.mark.parametrize("op", list(LINKED_OPS))
+def test_file_store_refuses_keys_through_a_linked_directory(linked, tmp_path: Path, op: str) -> None:
+    store, outside, empty = linked
+    key, call = LINKED_OPS[op]
+    before = _snapshot(outside)
+    link, target = (store.root / "data", outside) if key.startswith("data") else (store.root / "plan", empty)
+    _refused(lambda: call(store, tmp_path), key, link, target)
+    assert _snapshot(outside) == before and (outside / "secret.bin").read_bytes() == b"not the run's"
+    assert list(empty.iterdir()) == [], "written outside the store through the link"
+    assert not (tmp_path / "dst" / "secret.bin").exists(), "read from outside the store through the link"
+
+
+def test_file_store_lists_refuse_a_link_anywhere_below(linked) -> None:
+    store, outside, _ = linked
+    _refused(store.list, "data", store.root / "data", outside)  # from the root: the walk meets the link
+    store.put_bytes("library/0/x", b"x")
+    assert store.child("library").list() == ["0/x"]  # parts of the tree without links still work
+
+
+def test_file_store_child_opened_before_the_link_was_planted_is_refused_too(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = open_store(f"file://{tmp_path}/run")
+    child = store.child("library/0")  # its folder does not exist yet
+    store.put_bytes("library/keep", b"k")
+    (store.root / "library" / "0").symlink_to(outside, target_is_directory=True)
+    for key, op in (("attn/model.safetensors", lambda: child.put_bytes("attn/model.safetensors", b"w")),
+                    ("attn/model.safetensors", lambda: child.exists("attn/model.safetensors")),
+                    (None, child.list)):
+        err = _refused(op, key, store.root / "library" / "0", outside)
+        assert child.uri in str(err)
+    assert list(outside.iterdir()) == []
+
+
+def test_file_store_refuses_a_linked_file(tmp_path: Path) -> None:
+    """An object whose data file is a link to a file outside, with a sidecar matching that file's bytes."""
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"secret")
+    store = open_store(f"file://{tmp_path}/run")
+    assert isinstance(store, FileStore)
+    store.put_bytes("plan/bld.json", b"secret")  # a genuine sidecar for these bytes ...
+    (store.root / "plan" / "bld.json").unlink()
+    (store.root / "plan" / "bld.json").symlink_to(outside)  # ... and the data replaced by a link
+    link = store.root / "plan" / "bld.json"
+    for op in (lambda: store.get_bytes("plan/bld.json"), lambda: store.get_file("plan/bld.json", tmp_path / "o"),
+               lambda: store.exists("plan/bld.json"), lambda: store.list("plan"),
+               lambda: store.put_bytes("plan/bld.json", b"new"), lambda: store.delete("plan/bld.json")):
+        _refused(op, "plan/bld.json", link, outside)
+    assert outside.read_bytes() == b"secret" and not (tmp_path / "o").exists()
+
+
+def test_file_store_refuses_a_planted_sidecar(tmp_path: Path) -> None:
+    """The checksum sidecar is a link to a file outside that holds the sha256 of tampered bytes: following
+    it would make the tampered object pass verification."""
+    store = open_store(f"file://{tmp_path}/run")
+    assert isinstance(store, FileStore)
+    store.put_bytes("plan/bld.json", b"[1]")
+    (store.root / "plan" / "bld.json").write_bytes(b"[2]")
+    forged = tmp_path / "forged-sha"
+    forged.write_text(hashlib.sha256(b"[2]").hexdigest() + "\n")
+    sidecar = store.root / "plan" / ".puzzle-sha256.bld.json"
+    sidecar.unlink()
+    sidecar.symlink_to(forged)
+    for op in (lambda: store.get_bytes("plan/bld.json"), lambda: store.get_file("plan/bld.json", tmp_path / "o"),
+               lambda: store.exists("plan/bld.json"), lambda: store.list(), lambda: store.list("plan/bld.json"),
+               lambda: store.put_bytes("plan/bld.json", b"[3]")):
+        _refused(op, "plan/bld.json", sidecar, forged)
+    assert forged.read_text().strip() == hashlib.sha256(b"[2]").hexdigest()
+
+
+def test_file_store_refuses_links_that_stay_inside_the_root(tmp_path: Path) -> None:
+    """Refusing every link (not only those leading out) is the documented choice: the store never creates one."""
+    store = open_store(f"file://{tmp_path}/run")
+    assert isinstance(store, FileStore)
+    store.put_bytes("real/x", b"x")
+    (store.root / "alias").symlink_to(store.root / "real", target_is_directory=True)
+    with pytest.raises(InvalidKeyError, match=r"'alias/x'.*symbolic link.*inside the store root"):
+        store.get_bytes("alias/x")
+    with pytest.raises(InvalidKeyError, match="'alias'"):
+        store.list()
+
+
+@pytest.mark.parametrize("where", ["parent", "run"])
+def test_file_store_root_given_through_a_link_works(tmp_path: Path, where: str) -> None:
+    """``/tmp -> /private/tmp`` and mounted aliases: a root reached through a link is resolved once, at open."""
+    real = tmp_path / "real"
+    real.mkdir()
+    if where == "parent":  # a directory above the root is a link
+        (tmp_path / "alias").symlink_to(real, target_is_directory=True)
+        uri, real_root = f"file://{tmp_path}/alias/run-1", real / "run-1"
+    else:  # the run folder itself is a link
+        (real / "run-1").mkdir()
+        (tmp_path / "run-link").symlink_to(real / "run-1", target_is_directory=True)
+        uri, real_root = f"file://{tmp_path}/run-link", real / "run-1"
+    store = open_store(uri)
+    assert isinstance(store, FileStore) and store.root == real_root.resolve() and store.uri == uri
+    store.put_json("plan/bld.json", [1])
+    store.put_file("library/0/attn/w.bin", __file__)
+    assert store.get_json("plan/bld.json") == [1] and store.exists("library/0/attn/w.bin")
+    assert store.list() == ["library/0/attn/w.bin", "plan/bld.json"]
+    assert store.child("library/0").list() == ["attn/w.bin"]
+    assert store.upload_dir("child/sol-0", _local_dir(tmp_path)) == ["child/sol-0/a.txt"]
+    assert [p.name for p in store.download_dir("child", tmp_path / "dst")] == ["a.txt"]
+    store.delete("plan/bld.json")
+    assert not store.exists("plan/bld.json")
+    assert (real_root / "library/0/attn/w.bin").read_bytes() == Path(__file__).read_bytes()
+
+
+def test_file_store_rechecks_links_before_publishing(tmp_path: Path) -> None:
+    """A link swapped in while a write is under way (the directory moved away, a link put in its place) is
+    caught before the object is published, and nothing lands outside. The writer copies from a FIFO that
+    this test feeds, so the swap surely happens mid-write."""
+    import threading
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = open_store(f"file://{tmp_path}/run")
+    assert isinstance(store, FileStore)
+    store.put_bytes("data/old", b"o")
+    fifo = tmp_path / "feed.fifo"
+    os.mkfifo(fifo)
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            store.put_file("data/shard.bin", fifo)
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            errors.append(err)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    deadline = time.monotonic() + 30
+    while True:  # the FIFO opens for writing once the writer opened it to read (its temp file exists then)
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as err:  # ENXIO: no reader yet
+            assert writer.is_alive() and time.monotonic() < deadline, (errors, err)
+            time.sleep(0.02)
+    try:
+        os.write(fd, b"first half ")
+        (store.root / "data").rename(store.root / "data-moved")
+        (store.root / "data").symlink_to(outside, target_is_directory=True)
+        os.write(fd, b"second half")
+    finally:
+        os.close(fd)
+        writer.join(timeout=30)
+    assert len(errors) == 1 and isinstance(errors[0], InvalidKeyError), errors
+    assert "'data/shard.bin'" in str(errors[0]) and str(store.root / "data") in str(errors[0])
+    assert list(outside.iterdir()) == []

@@ -20,6 +20,7 @@ import yaml
 from puzzle import k8s, pipeline
 from puzzle.cli import main
 from puzzle.errors import UserError
+from puzzle.run import progress as run_progress
 from puzzle.store import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,7 +178,7 @@ def test_submit_refuses_a_local_store_and_bad_parameters(tmp_path, capsys):
 
 def _run(tmp_path: Path):
     store = open_store(f"file://{tmp_path}/runs/{RUN_ID}")
-    store.put_text("config.yaml", "name: tiny\n")
+    store.put_text("config.yaml", _config(tmp_path, f"file://{tmp_path}/runs").read_text())
     store.put_json("plan/bld.json", [{"id": f"attn-{i}"} for i in range(3)])
     store.put_json("plan/profile.json", [{"id": "cpu-b8-parent"}])
     store.put_json("done/prepare/all.json", {"ok": True})
@@ -189,12 +190,12 @@ def _run(tmp_path: Path):
 
 def test_status_counts_done_markers_against_plan_lists(tmp_path, capsys):
     store = _run(tmp_path)
-    progress = {p.step: (p.done, p.total) for p in k8s.run_progress(store)}
+    progress = {p.step: (p.done, p.total) for p in run_progress(store, pipeline.topological_order())}
     assert progress == {"prepare": (1, 1), "bld": (2, 3), "profile": (0, 1), "score": (0, None),
                         "solve": (0, 1), "assemble": (0, None), "evaluate": (0, None), "report": (0, 1)}
     assert main(["status", store.uri, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["steps"][1] == {"step": "bld", "done": 2, "total": 3, "complete": False}
+    assert data["steps"][1] == {"step": "bld", "done": 2, "total": 3, "complete": False, "failed": []}
     assert main(["status", store.uri]) == 0
     table = capsys.readouterr().out
     assert "bld          2/3" in table and "score        0/?    waiting for plan" in table
@@ -205,7 +206,7 @@ def test_exit_handler_records_the_final_status(tmp_path, capsys):
     assert main(["status", store.uri, "--record-final", "Failed", "--workflow", RUN_ID]) == 0
     record = store.get_json("status.json")
     assert record["status"] == "Failed" and record["workflow"] == RUN_ID
-    assert record["progress"]["bld"] == {"done": 2, "total": 3}
+    assert record["progress"]["bld"] == {"done": 2, "total": 3, "failed": 0}
     assert main(["status", store.uri]) == 0
     assert f"workflow {RUN_ID}: Failed" in capsys.readouterr().out
 

@@ -11,7 +11,7 @@ import torch
 from puzzle.data import corpus
 from puzzle.data.prompts import format_prompt
 from puzzle.data.tokenizer import ACTION_TOKENS, train_tokenizer
-from puzzle.tiny_parent import MAX_PARENT_BYTES, TinyParentConfig, lr_at, train_tiny_parent
+from puzzle.tiny_parent import MAX_PARENT_BYTES, TinyParentConfig, schedule, train_tiny_parent
 
 PARENT = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "parent"
 TINY = {
@@ -80,10 +80,10 @@ def test_short_training_writes_a_loadable_safetensors_only_directory(two_runs):
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
     cfg = TinyParentConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
-    assert lr_at(0, cfg) == pytest.approx(1e-4)
-    assert lr_at(9, cfg) == pytest.approx(1e-3)
-    assert lr_at(99, cfg) == pytest.approx(1e-4, rel=0.01)
-    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+    assert schedule(cfg).lr(0) == pytest.approx(1e-4)
+    assert schedule(cfg).lr(9) == pytest.approx(1e-3)
+    assert schedule(cfg).lr(99) == pytest.approx(1e-4, rel=0.01)
+    assert all(schedule(cfg).lr(s) >= schedule(cfg).lr(s + 1) for s in range(10, 99))
 
 
 @pytest.mark.parametrize(

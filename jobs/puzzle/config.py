@@ -103,19 +103,23 @@ class SearchSpaceConfig(_Strict):
 
 class BLDConfig(_Strict):
     mode: Literal["decoupled", "coupled"] = Field(
-        "decoupled", description="decoupled: attention variants train with the parent FFN and vice versa."
+        "decoupled", description="decoupled: attention variants train with the parent FFN and vice versa; "
+        "coupled: whole blocks '<attn>+<ffn>' train against the parent's whole layer."
     )
-    layers_per_unit: int = Field(2, ge=1, description="Layers of one variant trained by one bld unit (one pod).")
-    tokens: int = Field(100_000, ge=1, description="Training tokens per unit.")
+    tokens: int = Field(100_000, ge=1, description="Distillation tokens every block trains on (each unit runs "
+                        "the parent once over them, feeding every block of its stage).")
     batch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_fraction: float = Field(0.05, ge=0, le=1, description="Fraction of steps with linear warm-up.")
-    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold (per block).")
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints in the store.")
     eval_tokens: int = Field(8192, ge=1, description="Held-out tokens for initial/final normalized MSE.")
     calibration_tokens: int = Field(8192, ge=1, description="Tokens used to initialize variants from the parent.")
-    seed: int = 0
+    seed: int = Field(0, description="Seeds the batch order (the same for every block, whichever unit trains it).")
+    stage_layers: int | None = Field(
+        None, ge=1, description="Layers per bld unit (a stage). None: planned from compute.gpu_pods and "
+        "compute.gpu_memory_gib (about one unit per GPU pod, each fitting one GPU).")
 
 
 class Scenario(_Strict):
@@ -180,14 +184,15 @@ class SolveConfig(_Strict):
 
 
 class GKDConfig(_Strict):
-    enabled: bool = False
-    tokens: int = Field(50_000, ge=1)
-    batch_size: int = Field(8, ge=1)
+    enabled: bool = Field(False, description="Distil every assembled child (and baseline) as a whole from the parent.")
+    tokens: int = Field(50_000, ge=1, description="Distillation tokens of global knowledge distillation per child.")
+    batch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
     lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate.")
     warmup_fraction: float = Field(0.05, ge=0, le=1, description="Fraction of steps with linear warm-up, then cosine decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
-    kl_weight: float = Field(1.0, ge=0)
-    cosine_weight: float = Field(1.0, ge=0)
+    kl_weight: float = Field(1.0, ge=0, description="Weight of KL(parent || child) on next-token distributions.")
+    cosine_weight: float = Field(1.0, ge=0, description="Weight of the mean per-layer cosine distance of hidden states.")
+    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints (a killed unit resumes there).")
 
 
 class AssembleConfig(_Strict):
@@ -256,8 +261,15 @@ class ICLEvalConfig(_Strict):
 class EvalConfig(_Strict):
     tokens: int = Field(8192, ge=1, description="Held-out tokens for KL and perplexity.")
     task_examples: int = Field(100, ge=0, description="Tiny-task (SCAN) exact-match examples (0: off).")
-    measure_throughput: bool = True
-    baselines: bool = Field(True, description="Also build uniform-FFN-shrink and layer-drop baselines.")
+    measure_throughput: bool = Field(True, description="Measure every model's tokens/s on each profile scenario "
+                                     "whose device is present, next to the throughput model's prediction.")
+    baselines: bool = Field(True, description="Also build and evaluate the uniform-FFN and layer-drop baselines "
+                            "(two settings each, bracketing the first solution's throughput).")
+    generation_batch_size: int = Field(16, ge=1, description="Prompts generated together (task exact match, ICL).")
+    icl_models: list[Literal["parent", "puzzle", "uniform_ffn", "layer_drop"]] = Field(
+        default_factory=lambda: ["parent", "puzzle", "uniform_ffn", "layer_drop"],
+        description="Which models' in-context learning eval.icl measures (by kind): the parent is needed for "
+        "retention; baselines can be left out to save time.")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness task names or JSON files.")
     icl: ICLEvalConfig = Field(default_factory=ICLEvalConfig)
 
@@ -280,6 +292,22 @@ class StoreConfig(_Strict):
         return self
 
 
+class ComputeConfig(_Strict):
+    """The machines the pipeline's pods run on (not the serving target: that is profile.scenarios)."""
+
+    gpu_pods: int = Field(1, ge=1, description="GPU pods that run at once; bld is cut into about this many "
+                          "units (stages), more when a stage would not fit compute.gpu_memory_gib.")
+    gpu_memory_gib: float = Field(80.0, gt=0, description="Memory of one GPU (one pod's device; on a CPU-only "
+                                  "machine, the memory a unit may use); every unit's plan fits it.")
+    host_memory_gib: float = Field(64.0, ge=0, description="Host RAM of a pod the parent's streamed layers may "
+                                   "be cached in (pinned), so later batches read no file.")
+    peak_tflops: float = Field(989.0, gt=0, description="Dense bf16 TFLOP/s of one GPU, for the GPU-time estimates.")
+    mfu: float = Field(0.35, gt=0, le=1, description="Fraction of peak_tflops training and scoring reach "
+                       "(model FLOPs utilization), for the GPU-time estimates.")
+    host_to_device_gbps: float = Field(25.0, gt=0, description="Host-to-GPU copy bandwidth (GB/s) a streamed "
+                                       "layer crosses, for the estimates.")
+
+
 class MetricsConfig(_Strict):
     pushgateway_url: str | None = Field(None, description="Push metrics here (grouping key run/step/unit).")
 
@@ -300,6 +328,7 @@ class PuzzleConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     @model_validator(mode="after")
     def _cross(self) -> PuzzleConfig:

@@ -4,9 +4,10 @@ Every pod (and every local worker) runs ``puzzle step NAME --run RUN_URI --unit 
 turns those arguments into a :class:`StepContext`, runs the step module's ``run(ctx)`` and, only when it
 returns, publishes the unit's done marker ``done/<step>/<unit-id>.json``. A unit whose marker exists is
 not run again (``--force`` overrides), which is what makes retried pods and ``puzzle run --resume``
-redo nothing that completed.
+redo nothing that completed. What a step hands to Argo (``--outputs DIR``) follows from its
+:class:`puzzle.pipeline.Step`: the plan lists it ``produces`` and the run files it names as ``artifacts``.
 
-Exit codes (Argo's retryStrategy keys on them): 0 done, 2 bad input (never retried), 1 other errors.
+Exit codes (Argo's retryStrategy keys on them) are :mod:`puzzle.errors`'.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import importlib
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
 import tempfile
 import time
@@ -25,62 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzle import pipeline
-from puzzle.config import PuzzleConfig, load_config_text
-from puzzle.errors import ConfigError, UnitError
+from puzzle import layout, pipeline
+from puzzle.config import PuzzleConfig, StoreConfig
+from puzzle.errors import ConfigError, UnitError, exit_code
+from puzzle.layout import done_key
 from puzzle.metrics import StepMetrics
-from puzzle.store import Store, join_uri, open_store
+from puzzle.run import Run, check_unit_id, open_run, record_failure, relative_outputs
+from puzzle.store import Store, open_store, recording
 
 log = logging.getLogger(__name__)
 
 STEP_NAMES = tuple(s.name for s in pipeline.STEPS)
-CONFIG_KEY = "config.yaml"
-UNIT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
-
-__all__ = ["UnitError"]  # re-exported: steps raise it through their context
-
-
-def new_run_id(name: str) -> str:
-    """``<name>-<UTC timestamp>-<random>``: unique across concurrent runs in one bucket, DNS-safe."""
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S")
-    return f"{name}-{stamp}-{secrets.token_hex(3)}"
-
-
-def run_id_of(run_uri: str) -> str:
-    path = run_uri.split("://", 1)[-1]
-    if ".." in path.split("/"):
-        # the library lives beside the run (its parent folder): a '..' would move both elsewhere
-        raise ConfigError(f"run URI {run_uri!r}: '..' path segments are not allowed")
-    run_id = run_uri.rstrip("/").rsplit("/", 1)[-1]
-    if not RUN_ID_RE.match(run_id):
-        raise ConfigError(
-            f"run URI {run_uri!r}: the last path segment {run_id!r} is not a run id "
-            "(lowercase letters, digits and '-', at most 63 characters)"
-        )
-    return run_id
-
-
-def check_run_id(run_id: str) -> str:
-    """A run id is one DNS label (a Workflow name too); the whole id is checked, so "a/b" cannot nest."""
-    if not RUN_ID_RE.match(run_id):
-        raise ConfigError(f"run id {run_id!r} is not a run id (lowercase letters, digits and '-', "
-                          "at most 63 characters)")
-    return run_id
-
-
-def create_run(config: PuzzleConfig, config_text: str | None = None, run_id: str | None = None) -> str:
-    """Make a new run in the config's store: writes ``config.yaml``; returns the run URI."""
-    run_id = check_run_id(run_id or new_run_id(config.name))
-    run_uri = join_uri(config.store.uri, run_id)
-    store = open_store(run_uri, config.store)
-    store.put_text(CONFIG_KEY, config_text if config_text is not None else config.to_yaml())
-    return run_uri
-
-
-def done_key(step: str, unit_id: str) -> str:
-    return f"done/{step}/{unit_id}.json"
+__all__ = ["STEP_NAMES", "StepContext", "parse_unit", "run_step", "write_outputs"]
 
 
 @dataclass
@@ -132,12 +88,6 @@ class StepContext:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def load_run_config(store: Store, run_uri: str) -> PuzzleConfig:
-    if not store.exists(CONFIG_KEY):
-        raise ConfigError(f"run {run_uri!r} has no {CONFIG_KEY}; create runs with `puzzle run` or `puzzle submit`")
-    return load_config_text(store.get_text(CONFIG_KEY), f"{run_uri}/{CONFIG_KEY}")
-
-
 def parse_unit(text: str | None) -> dict[str, Any]:
     if text is None:
         return {"id": "all"}
@@ -147,9 +97,23 @@ def parse_unit(text: str | None) -> dict[str, Any]:
         raise UnitError(f"--unit: not valid JSON ({err}): {text!r}") from None
     if not isinstance(unit, dict) or "id" not in unit:
         raise UnitError(f"--unit: must be a JSON object with an 'id' key, got {text!r}")
-    if not UNIT_ID_RE.match(str(unit["id"])):
-        raise UnitError(f"--unit: id {unit['id']!r} is not allowed (lowercase letters, digits, '.', '_', '-')")
+    check_unit_id(str(unit["id"]))
     return unit
+
+
+def write_outputs(step: pipeline.Step, run: Run, outputs_dir: Path | None) -> None:
+    """What the step owes Argo, from its declaration: each produced plan list as an output parameter
+    file ``<list>.json`` and each artifact file copied from the run. A retried pod that skips its work
+    still writes them."""
+    if outputs_dir is None:
+        return
+    outputs_dir.mkdir(parents=True, exist_ok=True)
+    for name in step.produces:
+        (outputs_dir / f"{name}.json").write_text(json.dumps(run.store.get_json(layout.plan_key(name))),
+                                                  encoding="utf-8")
+    for name in step.artifacts:
+        if run.store.exists(name):
+            run.store.get_file(name, outputs_dir / name)
 
 
 def run_step(
@@ -158,45 +122,53 @@ def run_step(
     unit: dict[str, Any],
     outputs_dir: Path | None = None,
     force: bool = False,
-    store_config=None,
+    store_config: StoreConfig | None = None,
 ) -> bool:
     """Run one unit of one step. Returns False when it had already completed (and was skipped)."""
     if step not in STEP_NAMES:
         raise UnitError(f"step {step!r} is unknown; allowed: {', '.join(STEP_NAMES)}")
-    run_id = run_id_of(run_uri)
-    store = open_store(run_uri, store_config)
-    config = load_run_config(store, run_uri)
-    if store_config is None and run_uri.startswith("s3://"):
-        # the run's own store settings (endpoint, region, retry/backoff, multipart) apply to its units
-        store = open_store(run_uri, config.store)
+    run = open_run(run_uri, store_config)
+    spec = pipeline.step(step)
     key = done_key(step, str(unit["id"]))
     module = importlib.import_module(f"puzzle.steps.{step}")
-    if store.exists(key) and not force:
+    if run.store.exists(key) and not force:
         log.info("%s/%s already complete in %s; skipping", step, unit["id"], run_uri)
-        if outputs_dir is not None and hasattr(module, "outputs"):
-            # a retried pod still owes Argo its output parameters
-            ctx = _context(step, run_uri, run_id, store, config, unit, outputs_dir)
-            module.outputs(ctx)
+        write_outputs(spec, run, outputs_dir)
         return False
-    ctx = _context(step, run_uri, run_id, store, config, unit, outputs_dir)
+    ctx = _context(step, run, unit, outputs_dir)
     started = time.time()
     try:
-        module.run(ctx)
+        with recording() as written:
+            module.run(ctx)
         seconds = time.time() - started
         ctx.metrics.set("step_seconds", seconds, help="Wall-clock seconds of the step unit")
         ctx.metrics.set("step_success", 1, help="1 when the step unit completed")
-        ctx.metrics.write(store)
+        ctx.metrics.write(run.store)
         ctx.metrics.push()
-        store.put_json(key, {"step": step, "unit": unit, "seconds": seconds,
-                             "finished_at": _dt.datetime.now(_dt.UTC).isoformat(),
-                             "host": os.uname().nodename})
+        write_outputs(spec, run, outputs_dir)
+        # the marker lists what the unit left (relative to the runs root, sha256 each): resume checks them
+        run.store.put_json(key, {"step": step, "unit": unit, "seconds": seconds,
+                                 "finished_at": _dt.datetime.now(_dt.UTC).isoformat(),
+                                 "host": os.uname().nodename, "outputs": relative_outputs(run, written)})
+        run.store.delete(layout.failed_key(step, str(unit["id"])))
+    except Exception as err:
+        _remember_failure(run, step, unit, err)
+        raise
     finally:
         ctx.cleanup()
     return True
 
 
-def _context(step, run_uri, run_id, store, config, unit, outputs_dir) -> StepContext:
+def _remember_failure(run: Run, step: str, unit: dict[str, Any], err: Exception) -> None:
+    """Best effort: a unit's last failure goes to ``failed/<step>/<unit>.json`` for `puzzle status`."""
+    try:
+        record_failure(run.store, step, unit, f"{type(err).__name__}: {err}", exit_code(err))
+    except Exception as again:  # noqa: BLE001 - the store may be what failed; the original error matters
+        log.debug("could not record the failure of %s/%s: %s", step, unit.get("id"), again)
+
+
+def _context(step: str, run: Run, unit: dict[str, Any], outputs_dir: Path | None) -> StepContext:
     # the workflow passes the Pushgateway through the environment; the config can name one too
-    url = config.metrics.pushgateway_url or os.environ.get("PUZZLE_PUSHGATEWAY_URL") or None
-    metrics = StepMetrics(run_id, step, str(unit["id"]), url)
-    return StepContext(step, run_uri, run_id, store, config, unit, metrics, outputs_dir)
+    url = run.config.metrics.pushgateway_url or os.environ.get("PUZZLE_PUSHGATEWAY_URL") or None
+    metrics = StepMetrics(run.run_id, step, str(unit["id"]), url)
+    return StepContext(step, run.uri, run.run_id, run.store, run.config, unit, metrics, outputs_dir)

@@ -27,30 +27,6 @@ from puzzle.generation import DeciTextGenerator, TextGenerator
 from puzzle.model import DeciLMForCausalLM
 
 
-# ----- the run's parent ----------------------------------------------------------------------------
-def verify_parent(store, parent_dir: str | Path) -> None:
-    """Refuse a parent whose weights changed since the run's library was keyed on them.
-
-    Steps load the parent from ``parent.uri`` each time; a directory rewritten mid-run (a retrained
-    parent) would silently mix two parents: blocks distilled from one, KL measured against another.
-    The library record (``library.json``) holds the sha256 bld computed; no record, nothing to check.
-    """
-    from puzzle.context import UnitError
-    from puzzle.library import RUN_RECORD_KEY, parent_weights_sha256
-
-    if not store.exists(RUN_RECORD_KEY):
-        return
-    want = (store.get_json(RUN_RECORD_KEY).get("key") or {}).get("parent_sha256")
-    if want is None:
-        return
-    got = parent_weights_sha256(parent_dir)
-    if got != want:
-        raise UnitError(
-            f"parent.uri: the weights in {str(parent_dir)!r} changed since this run's blocks were distilled "
-            f"(sha256 {got[:12]}... now, {want[:12]}... then); one run needs one parent: start a new run"
-        )
-
-
 # ----- KL and perplexity ---------------------------------------------------------------------------
 @torch.no_grad()
 def compare_to_parent(

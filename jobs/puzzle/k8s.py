@@ -4,24 +4,19 @@
   WorkflowTemplate (``workflowTemplateRef``); :func:`create_via_argo_server` sends it through Argo
   Server's REST API (Hera's ``WorkflowsService``), :func:`create_via_kubernetes` creates it directly as a
   custom object with the kubernetes client.
-- :func:`run_progress` reads a run's progress from its artifacts (plan lists and done markers), and
-  :func:`record_final_status` writes ``status.json`` (the Workflow's exit handler calls it).
 - :func:`security_problems`, :func:`unquoted_quantities` and :func:`rbac_violations` are the checks the
   tests (and ``puzzle render-workflow``) run on the WorkflowTemplate and the chart's objects.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from puzzle import pipeline
 
 RUN_ID_LABEL = "puzzle.dev/run-id"
-FINAL_STATUS_KEY = "status.json"
 #: RBAC rules the chart may grant: (apiGroup, resource) -> verbs. Anything wider fails the tests.
 RBAC_ALLOW_LIST: dict[tuple[str, str], frozenset[str]] = {
     ("argoproj.io", "workflowtaskresults"): frozenset({"create", "patch"}),
@@ -124,77 +119,6 @@ def follow_commands(name: str, namespace: str, run_uri: str) -> list[str]:
         f"argo -n {namespace} logs {name} --follow",
         f"puzzle status {run_uri}",
     ]
-
-
-# ------------------------------------------------------------------------------------------------
-# Progress of a run, read from its artifacts
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepProgress:
-    step: str
-    done: int
-    total: int | None  # None: the plan list that defines the units is not written yet
-
-    @property
-    def complete(self) -> bool:
-        return self.total is not None and self.done >= self.total
-
-
-def _plan_ids(store: Any, plan_list: str) -> list[str] | None:
-    key = f"plan/{plan_list}.json"
-    if not store.exists(key):
-        return None
-    units = store.get_json(key)
-    if not isinstance(units, list) or not all(isinstance(u, dict) and "id" in u for u in units):
-        raise ValueError(f"{key}: expected a JSON list of objects with an 'id', got {type(units).__name__}")
-    return [str(u["id"]) for u in units]
-
-
-def run_progress(store: Any) -> list[StepProgress]:
-    """Per-step done/total from ``plan/<list>.json`` and the markers ``done/<step>/<unit-id>.json``."""
-    done_keys = store.list("done")
-    out = []
-    for s in pipeline.topological_order():
-        markers = {
-            k.removeprefix(f"done/{s.name}/").removesuffix(".json")
-            for k in done_keys
-            if k.startswith(f"done/{s.name}/") and k.endswith(".json")
-        }
-        if s.fan_out is None:
-            out.append(StepProgress(s.name, min(len(markers), 1), 1))
-            continue
-        ids = _plan_ids(store, s.fan_out)
-        if ids is None:
-            out.append(StepProgress(s.name, len(markers), None))
-        else:
-            out.append(StepProgress(s.name, len(markers & set(ids)), len(ids)))
-    return out
-
-
-def format_progress(progress: list[StepProgress], final: dict[str, Any] | None = None) -> str:
-    width = max(len(p.step) for p in progress)
-    lines = []
-    for p in progress:
-        total = "?" if p.total is None else str(p.total)
-        state = "done" if p.complete else ("waiting for plan" if p.total is None else "")
-        lines.append(f"{p.step:<{width}}  {p.done:>4}/{total:<4} {state}".rstrip())
-    if final:
-        lines.append(f"workflow {final.get('workflow', '?')}: {final.get('status', '?')} at {final.get('finished_at', '?')}")
-    return "\n".join(lines)
-
-
-def record_final_status(store: Any, status: str, workflow: str | None = None) -> dict:
-    """Write ``status.json``: the Workflow's final phase and per-step progress (the exit handler runs this)."""
-    record = {
-        "status": status,
-        "workflow": workflow,
-        "finished_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "progress": {p.step: {"done": p.done, "total": p.total} for p in run_progress(store)},
-    }
-    store.put_json(FINAL_STATUS_KEY, record)
-    return record
 
 
 # ------------------------------------------------------------------------------------------------

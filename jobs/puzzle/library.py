@@ -40,32 +40,28 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from puzzle import layout
 from puzzle.config import PuzzleConfig, StoreConfig
-from puzzle.model import (
-    AttentionVariant,
-    DeciLMForCausalLM,
-    FFNVariant,
-    attention_variant_from_name,
-    ffn_variant_from_name,
-)
-from puzzle.model.io import _weight_files
+from puzzle.errors import UnitError
+from puzzle.model import AttentionVariant, DeciLMForCausalLM, parse_name, split_name, weight_files
+from puzzle.run import runs_root_uri
 from puzzle.store import Store, open_store
 
 if TYPE_CHECKING:
     from puzzle.context import StepContext
 
 #: Bumped whenever the meaning of an entry changes, so old libraries are never mistaken for new ones.
-FORMAT_VERSION = 1
-LIBRARY_PREFIX = "library"
+FORMAT_VERSION = 2  # 2: stages train every block of a layer range from one parent pass
+LIBRARY_PREFIX = layout.LIBRARY_PREFIX
 #: The run-store key that records which library a run uses.
-RUN_RECORD_KEY = "library.json"
-WEIGHTS_NAME = "weights.safetensors"
-META_NAME = "meta.json"
-KEY_NAME = "key.json"
+RUN_RECORD_KEY = layout.LIBRARY_RECORD
+WEIGHTS_NAME = layout.LIBRARY_WEIGHTS
+META_NAME = layout.LIBRARY_META
+KEY_NAME = layout.LIBRARY_KEY
 _DIGEST_CHARS = 24  # 96 bits of sha256: collision-free for any realistic number of libraries
 _CHUNK = 1 << 22
 # BLD fields that do not change a block's weights (how units are cut and how often they checkpoint)
-_NOT_HASHED = ("layers_per_unit", "checkpoint_every")
+_NOT_HASHED = ("stage_layers", "checkpoint_every")
 
 
 class LibraryError(KeyError):
@@ -78,7 +74,7 @@ class LibraryError(KeyError):
 def parent_weights_sha256(parent_dir: str | Path) -> str:
     """sha256 over the parent's safetensors files (names and bytes, in sorted order)."""
     h = hashlib.sha256()
-    for f in sorted(_weight_files(Path(parent_dir)), key=lambda p: p.name):
+    for f in sorted(weight_files(Path(parent_dir)), key=lambda p: p.name):
         h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
             while chunk := fh.read(_CHUNK):
@@ -89,8 +85,8 @@ def parent_weights_sha256(parent_dir: str | Path) -> str:
 def data_sha256(run_store: Store) -> str:
     """sha256 of the distillation and validation manifests (they carry counts and source sha256)."""
     h = hashlib.sha256()
-    for split in ("data/distillation", "data/validation"):
-        h.update(split.encode() + b"\0" + run_store.get_bytes(f"{split}/manifest.json"))
+    for split in layout.DATA_SPLITS:
+        h.update(layout.data_prefix(split).encode() + b"\0" + run_store.get_bytes(layout.data_manifest_key(split)))
     return h.hexdigest()
 
 
@@ -114,34 +110,24 @@ def digest_of(key: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:_DIGEST_CHARS]
 
 
-def runs_root_uri(run_uri: str) -> str:
-    """The store root that holds the run (``<root>/<run-id>``): libraries live beside the runs."""
-    root, sep, _ = run_uri.rstrip("/").rpartition("/")
-    if not sep or "://" not in root or not root.split("://", 1)[1].strip("/"):
-        raise ValueError(f"run URI {run_uri!r}: has no parent folder to hold the library")
-    return root
+def check_parent_unchanged(run_store: Store, parent_dir: str | Path) -> None:
+    """Refuse a parent whose weights changed since the run's library was keyed on them.
 
-
-def split_variant(name: str) -> tuple[str, ...]:
-    """``"attn_g4"`` -> ("attn_g4",); coupled ``"attn_g4+ffn_m0.5"`` -> ("attn_g4", "ffn_m0.5")."""
-    parts = tuple(name.split("+"))
-    ok = (len(parts) == 1 and name.startswith(("attn_", "ffn_"))) or (
-        len(parts) == 2 and parts[0].startswith("attn_") and parts[1].startswith("ffn_")
-    )
-    if not ok:
-        raise ValueError(
-            f"variant {name!r} is not allowed; use an attention name (attn_g<N>, attn_linear, attn_noop), an "
-            "FFN name (ffn_m<mult>, ffn_i<size>, ffn_linear, ffn_noop) or '<attn>+<ffn>' for a coupled block"
+    Steps load the parent from ``parent.uri`` each time; a directory rewritten mid-run (a retrained
+    parent) would silently mix two parents: blocks distilled from one, KL measured against another.
+    The library record (``library.json``) holds the sha256 bld computed; no record, nothing to check.
+    """
+    if not run_store.exists(RUN_RECORD_KEY):
+        return
+    want = (run_store.get_json(RUN_RECORD_KEY).get("key") or {}).get("parent_sha256")
+    if want is None:
+        return
+    got = parent_weights_sha256(parent_dir)
+    if got != want:
+        raise UnitError(
+            f"parent.uri: the weights in {str(parent_dir)!r} changed since this run's blocks were distilled "
+            f"(sha256 {got[:12]}... now, {want[:12]}... then); one run needs one parent: start a new run"
         )
-    return parts
-
-
-def parse_variants(name: str, hidden_size: int) -> list[AttentionVariant | FFNVariant]:
-    """The typed variant(s) a library entry name stands for (two for a coupled block)."""
-    out: list[AttentionVariant | FFNVariant] = []
-    for p in split_variant(name):
-        out.append(attention_variant_from_name(p) if p.startswith("attn_") else ffn_variant_from_name(p, hidden_size))
-    return out
 
 
 class Library:
@@ -162,7 +148,7 @@ class Library:
     @classmethod
     def open(cls, run_uri: str, digest: str, store_config: StoreConfig | None = None) -> Library:
         root = open_store(runs_root_uri(run_uri), store_config)
-        return cls(root.child(f"{LIBRARY_PREFIX}/{digest}"), digest)
+        return cls(root.child(layout.library_root(digest)), digest)
 
     @classmethod
     def for_run(
@@ -182,8 +168,15 @@ class Library:
             run_store, config = ctx_or_store.store, ctx_or_store.config
         assert config is not None
         if run_store.exists(RUN_RECORD_KEY):
-            digest = run_store.get_json(RUN_RECORD_KEY)["digest"]
-            return cls.open(run_store.uri, digest, config.store)
+            record = run_store.get_json(RUN_RECORD_KEY)
+            recorded = (record.get("key") or {}).get("hyperparameters")
+            if recorded is not None and recorded != hyperparameters(config):
+                # blocks are filed under what they were trained with, never under another config's settings
+                raise UnitError(
+                    f"{RUN_RECORD_KEY}: the run's library was keyed on other BLD settings than the config's "
+                    f"({recorded} vs {hyperparameters(config)}); redo from bld: "
+                    f"`puzzle run --resume {run_store.uri} --redo bld`")
+            return cls.open(run_store.uri, record["digest"], config.store)
         if parent_dir is None:
             if isinstance(ctx_or_store, Store):
                 raise LibraryError(
@@ -203,14 +196,27 @@ class Library:
     # ----- entries ---------------------------------------------------------------------------------
     @staticmethod
     def prefix(layer: int, variant: str) -> str:
-        split_variant(variant)
+        split_name(variant)
         if not isinstance(layer, int) or layer < 0:
             raise ValueError(f"layer: {layer!r} is not allowed; must be an integer >= 0")
-        return f"{layer:03d}/{variant}"
+        return layout.library_entry_prefix(layer, variant)
 
     def has(self, layer: int, variant: str) -> bool:
         """True when the entry is complete (its meta.json exists)."""
         return self.store.exists(f"{self.prefix(layer, variant)}/{META_NAME}")
+
+    def usable(self, layer: int, variant: str) -> bool:
+        """True when the entry is complete AND whole: its meta.json reads with the fields readers use and its
+        weights are there. A damaged entry (tampered, half-deleted) is trained again, never reused."""
+        if not self.has(layer, variant):
+            return False
+        try:
+            meta = self.meta(layer, variant)
+        except Exception:  # noqa: BLE001 - unreadable means unusable
+            return False
+        if not isinstance(meta, dict) or not all(k in meta for k in ("initial_nmse", "final_nmse", "has_weights")):
+            return False
+        return not meta["has_weights"] or self.store.exists(f"{self.prefix(layer, variant)}/{WEIGHTS_NAME}")
 
     def meta(self, layer: int, variant: str) -> dict[str, Any]:
         key = f"{self.prefix(layer, variant)}/{META_NAME}"
@@ -220,12 +226,7 @@ class Library:
 
     def entries(self) -> list[tuple[int, str]]:
         """Every complete (layer, variant), sorted."""
-        out = []
-        for k in self.store.list():
-            parts = k.split("/")
-            if len(parts) == 3 and parts[2] == META_NAME and parts[0].isdigit():
-                out.append((int(parts[0]), parts[1]))
-        return sorted(out)
+        return sorted(e for e in map(layout.parse_library_entry, self.store.list()) if e is not None)
 
     def load_block(
         self,
@@ -261,7 +262,7 @@ class Library:
         n = len(model.model.layers)
         if not 0 <= layer < n:
             raise LibraryError(f"layer {layer} is outside the model (layers 0..{n - 1})")
-        parts = parse_variants(variant, model.config.hidden_size)
+        parts = parse_name(variant, model.config.hidden_size)
         current = model.model.layers[layer]
         if all(p.name == (current.attention_variant.name if isinstance(p, AttentionVariant)
                           else current.ffn_variant.name) for p in parts) and not self.has(layer, variant):
@@ -279,7 +280,7 @@ class Library:
 
     # ----- checkpoints (bld's resumable state) -----------------------------------------------------
     def checkpoints(self, unit_id: str) -> Store:
-        return self.store.child(f"checkpoints/{unit_id}")
+        return self.store.child(layout.library_checkpoint_prefix(unit_id))
 
 
 __all__ = [
@@ -288,12 +289,10 @@ __all__ = [
     "RUN_RECORD_KEY",
     "Library",
     "LibraryError",
+    "check_parent_unchanged",
     "data_sha256",
     "digest_of",
     "hyperparameters",
     "library_key",
     "parent_weights_sha256",
-    "parse_variants",
-    "runs_root_uri",
-    "split_variant",
 ]

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, generate_latest, push_to_gateway
 
+from puzzle.layout import metrics_key
+
 if TYPE_CHECKING:
     from puzzle.store import Store
 
@@ -28,7 +30,6 @@ PREFIX = "puzzle_"
 JOB = "puzzle"  # the Pushgateway's job label for every push
 _NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _RESERVED_LABELS = ("run", "step", "unit")
-_FILE_SAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 
 
 class StepMetrics:
@@ -126,7 +127,7 @@ class StepMetrics:
     @property
     def key(self) -> str:
         """The store key ``metrics/<step>-<unit>.prom`` (unit made file-name safe)."""
-        return f"metrics/{_FILE_SAFE.sub('_', self.step)}-{_FILE_SAFE.sub('_', self.unit)}.prom"
+        return metrics_key(self.step, self.unit)
 
     def write(self, store: Store) -> str:
         """Write the text exposition to ``metrics/<step>-<unit>.prom`` in ``store``; returns the key."""

@@ -27,13 +27,14 @@ import io
 import logging
 from typing import Any
 
+from puzzle import layout
 from puzzle.config import PuzzleConfig
+from puzzle.layout import REPORT_HTML, REPORT_JSON
 from puzzle.store import Store
 
 log = logging.getLogger(__name__)
 
-REPORT_JSON = "report.json"
-REPORT_HTML = "report.html"
+__all__ = ["REPORT_HTML", "REPORT_JSON", "build_report", "render_html", "summary_table"]
 PARENT_ID = "parent"
 BASELINE_KINDS = ("uniform_ffn", "layer_drop")
 
@@ -129,10 +130,10 @@ def _bld_curves(store: Store, config: PuzzleConfig) -> list[dict[str, Any]]:
 
 def build_report(store: Store, config: PuzzleConfig, run_id: str | None = None) -> dict[str, Any]:
     """The run's report.json as a dict (see the module docstring)."""
-    units = _get(store, "plan/assemble.json") or []
-    solutions = {s["id"]: s for s in (_get(store, "solve/solutions.json") or [])}
-    pareto = _get(store, "solve/pareto.json") or []
-    evals = {u["id"]: _get(store, f"eval/{u['id']}/report.json") for u in units}
+    units = _get(store, layout.plan_key("assemble")) or []
+    solutions = {s["id"]: s for s in (_get(store, layout.SOLUTIONS) or [])}
+    pareto = _get(store, layout.PARETO) or []
+    evals = {u["id"]: _get(store, layout.eval_report_key(u["id"])) for u in units}
     parent_ev = evals.get(PARENT_ID)
     entries: dict[str, dict[str, Any]] = {}
     missing = []
@@ -150,7 +151,7 @@ def build_report(store: Store, config: PuzzleConfig, run_id: str | None = None) 
             "measured": _measured(ev, parent_ev),
             "quality": _quality(ev, parent_ev),
             "icl": _icl_rows(ev, parent_ev) if uid != PARENT_ID else [],
-            "gkd": _gkd(ev, _get(store, f"child/{uid}/complete.json")),
+            "gkd": _gkd(ev, _get(store, layout.child_complete_key(uid))),
             "lm_eval": (ev or {}).get("lm_eval"),
             "params": (ev or {}).get("params"),
             "evaluated": ev is not None,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ import torch
 
 from puzzle.data import corpus
 from puzzle.data.tokenizer import BOS, EOS, PAD, save_tokenizer, train_tokenizer
+from puzzle.training import Part, Schedule, Trainer, adamw, decay_groups
 
 log = logging.getLogger(__name__)
 
@@ -101,14 +101,9 @@ class TinyParentConfig:
                 )
 
 
-def lr_at(step: int, cfg: TinyParentConfig) -> float:
+def schedule(cfg: TinyParentConfig) -> Schedule:
     """Linear warm-up to cfg.lr, then cosine down to cfg.lr * cfg.min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+    return Schedule(cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
 def token_batches(tok, cfg: TinyParentConfig) -> Iterator[torch.Tensor]:
@@ -156,7 +151,6 @@ def train_tiny_parent(
     Returns a summary (settings, parameter count, first/last loss, wall time) that is also written
     to ``out_dir/training.json``.
     """
-    from tqdm import tqdm
     from transformers import GenerationConfig
 
     torch.set_num_threads(cfg.threads)
@@ -181,30 +175,24 @@ def train_tiny_parent(
         cfg.seq_len,
     )
 
-    # Decay matrices only: decaying RMSNorm gains toward 0 fights the normalisation.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.95),
-        eps=1e-8,
-    )
+    opt = adamw(decay_groups(model, cfg.weight_decay), cfg.lr)
+    part = Part("model", model, opt, cfg.grad_clip)
+    # bf16 autocast on a GPU (fp32 master weights): the one-GPU example's parent trains in about a minute;
+    # the CPU reference stays plain fp32 and bit-repeatable
+    trainer = Trainer({"model": part}, schedule(cfg), cfg.device, autocast=cfg.device.startswith("cuda"))
     batches = token_batches(tok, cfg)
-    losses: list[float] = []
-    bar = tqdm(range(cfg.steps), desc="train-tiny", disable=not progress, mininterval=2.0)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+    last: list[torch.Tensor] = []
+
+    def loss_fn(step: int):
         ids = next(batches).to(cfg.device)  # (B, T)
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr_at(step, cfg):.2e}")
+        with trainer.autocast():
+            loss = model(input_ids=ids, labels=ids).loss
+        last[:] = [loss.detach()]
+        yield "model", loss
+
+    trainer.train(0, cfg.steps, loss_fn, desc="train-tiny", progress=progress,
+                  postfix=lambda: f"loss {float(last[0]):.3f}, lr {trainer.schedule.lr(trainer.step - 1):.2e}")
+    losses = [loss for _, loss in part.curve]
 
     model.eval()
     model.generation_config = GenerationConfig(

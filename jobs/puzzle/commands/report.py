@@ -24,14 +24,15 @@ def register(sub) -> None:
 
 
 def _main(args) -> int:
-    from puzzle.commands.fetch import open_run
-    from puzzle.context import run_id_of
-    from puzzle.report import REPORT_HTML, REPORT_JSON, build_report, render_html, summary_table
+    from puzzle.layout import REPORT_HTML, REPORT_JSON
+    from puzzle.report import build_report, render_html, summary_table
+    from puzzle.run import open_run
     from puzzle.store import FileStore
 
-    store, config = open_run(args.run)
+    run = open_run(args.run)
+    store = run.store
     stored = store.exists(REPORT_JSON)
-    report = store.get_json(REPORT_JSON) if stored else build_report(store, config, run_id_of(args.run))
+    report = store.get_json(REPORT_JSON) if stored else build_report(store, run.config, run.run_id)
     if not report["solutions"] and not report.get("parent"):
         raise UserError(f"run {args.run!r} has nothing evaluated yet (no eval/*/report.json); see `puzzle status`")
     if args.open:

@@ -1,15 +1,14 @@
 """``puzzle status RUN_URI``: per-step progress of a run, read from its artifacts.
 
-Counts the done markers ``done/<step>/<unit-id>.json`` against the plan lists ``plan/<list>.json``,
-so it works the same for local and cluster runs and needs no cluster access. ``--record-final`` is
-what the Workflow's exit handler runs: it writes the final status to ``status.json`` in the run.
+Counts the done markers ``done/<step>/<unit-id>.json`` against the plan lists ``plan/<list>.json`` and
+shows the units whose last attempt failed (``failed/<step>/<unit>.json``, with their error), so it works
+the same for local and cluster runs and needs no cluster access. ``--record-final`` is what the
+Workflow's exit handler runs: it writes the final status to ``status.json`` in the run.
 """
 
 from __future__ import annotations
 
 import json
-
-from puzzle.errors import UserError
 
 
 def register(sub) -> None:
@@ -23,25 +22,26 @@ def register(sub) -> None:
 
 
 def _main(args) -> int:
-    from puzzle import k8s
-    from puzzle.store import open_store
+    from puzzle import pipeline
+    from puzzle.layout import STATUS
+    from puzzle.run import format_progress, open_run, progress, record_final_status
 
-    store = open_store(args.run)
-    if not store.exists("config.yaml"):
-        raise UserError(f"RUN_URI: {args.run!r} holds no run (no config.yaml); give <store.uri>/<run-id>")
+    run = open_run(args.run)
+    steps = pipeline.topological_order()
     if args.record_final is not None:
-        record = k8s.record_final_status(store, args.record_final, args.workflow)
-        print(f"recorded final status {record['status']!r} in {store.uri}/{k8s.FINAL_STATUS_KEY}")
+        record = record_final_status(run.store, steps, args.record_final, args.workflow)
+        print(f"recorded final status {record['status']!r} in {run.store.uri}/{STATUS}")
         return 0
-    progress = k8s.run_progress(store)
-    final = store.get_json(k8s.FINAL_STATUS_KEY) if store.exists(k8s.FINAL_STATUS_KEY) else None
+    rows = progress(run.store, steps)
+    final = run.store.get_json(STATUS) if run.store.exists(STATUS) else None
     if args.json:
         print(json.dumps({
             "run": args.run,
-            "steps": [{"step": p.step, "done": p.done, "total": p.total, "complete": p.complete} for p in progress],
+            "steps": [{"step": p.step, "done": p.done, "total": p.total, "complete": p.complete,
+                       "failed": list(p.failed)} for p in rows],
             "final": final,
         }, indent=2))
     else:
         print(f"run {args.run}")
-        print(k8s.format_progress(progress, final))
+        print(format_progress(rows, final))
     return 0

@@ -68,7 +68,8 @@ def _main(args) -> int:
     if args.cpu_image:
         params["cpu-image"] = args.cpu_image
 
-    from puzzle.context import check_run_id, create_run, new_run_id
+    from puzzle.layout import CONFIG
+    from puzzle.run import check_run_id, create_run, new_run_id
 
     run_id = args.run_id or new_run_id(cfg.name)
     check_run_id(run_id)  # the same rule as every step: a DNS label, which a Workflow name must be too
@@ -81,7 +82,7 @@ def _main(args) -> int:
         return 0
 
     run_uri = create_run(cfg, text, run_id)
-    print(f"uploaded {run_uri}/config.yaml")
+    print(f"uploaded {run_uri}/{CONFIG}")
     try:
         if args.argo_server:
             name = k8s.create_via_argo_server(

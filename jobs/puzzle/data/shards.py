@@ -18,6 +18,7 @@ import torch
 from safetensors.numpy import load as st_load_np
 from safetensors.numpy import save as st_save_np
 
+from puzzle import layout
 from puzzle.config import ConfigError, StoreConfig
 
 CHUNK_CHARS = 1 << 16
@@ -80,22 +81,22 @@ def tokenize_text(data: bytes, name: str, tokenizer, eos_id: int | None, max_tok
     return np.asarray(out[:max_tokens], dtype=np.int32)
 
 
-def write_shards(store, prefix: str, tokens: np.ndarray, shard_tokens: int, source: dict) -> dict:
-    """Write ``tokens`` as shards under ``prefix``; the manifest is written last (it marks completion)."""
+def write_shards(store, split: str, tokens: np.ndarray, shard_tokens: int, source: dict) -> dict:
+    """Write ``tokens`` as the shards of ``split``; the manifest is written last (it marks completion)."""
     shards = []
     for i, start in enumerate(range(0, max(len(tokens), 1), shard_tokens)):
         part = np.ascontiguousarray(tokens[start : start + shard_tokens])
-        key = f"{prefix}/shard-{i:05d}.safetensors"
+        key = layout.data_shard_key(split, i)
         store.put_bytes(key, st_save_np({"tokens": part}))
         shards.append({"key": key, "tokens": len(part)})
     manifest = {"tokens": len(tokens), "shards": shards, "source": source}
-    store.put_json(f"{prefix}/manifest.json", manifest)
+    store.put_json(layout.data_manifest_key(split), manifest)
     return manifest
 
 
-def load_tokens(store, prefix: str) -> torch.Tensor:
-    """All tokens of a split as one int64 tensor (N,)."""
-    manifest = store.get_json(f"{prefix}/manifest.json")
+def load_tokens(store, split: str) -> torch.Tensor:
+    """All tokens of a split ('distillation' or 'validation') as one int64 tensor (N,)."""
+    manifest = store.get_json(layout.data_manifest_key(split))
     parts = [st_load_np(store.get_bytes(s["key"]))["tokens"] for s in manifest["shards"]]
     if not parts:
         return torch.zeros(0, dtype=torch.long)

@@ -10,15 +10,20 @@
 
 ``calib_hidden`` is always the sub-block's *input* residual stream (B, T, C), before its RMSNorm; the
 returned module expects the parent's norm in front of it (``DeciLayer.set_attention`` keeps it).
+``parent`` is anything with ``config``, ``layer(i)`` and ``attention_inputs(h)``: a whole
+``DeciLMForCausalLM``, or the streamed :class:`puzzle.model.streaming.ParentLayers` BLD runs on.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
+from puzzle.model.config import ModelConfig
 from puzzle.model.modeling import (
-    DeciLMForCausalLM,
+    DeciLayer,
     GQAttention,
     LinearAttention,
     LinearFFN,
@@ -27,6 +32,19 @@ from puzzle.model.modeling import (
     build_ffn,
 )
 from puzzle.model.variants import AttentionVariant, FFNVariant
+
+
+class LayerSource(Protocol):
+    """What initialization reads of the parent: its config, one layer, and the rope/mask inputs."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    def layer(self, i: int) -> DeciLayer: ...
+
+    def attention_inputs(self, h: torch.Tensor, position_ids: torch.Tensor | None = None,
+                         attention_mask: torch.Tensor | None = None): ...
+
 
 _RIDGE = 1e-6  # relative to the mean diagonal of X^T X; keeps rank-deficient calibration sets solvable
 
@@ -47,16 +65,17 @@ def _like(module: nn.Module, ref: torch.Tensor) -> nn.Module:
 @torch.no_grad()
 def init_attention(
     variant: AttentionVariant,
-    parent: DeciLMForCausalLM,
+    parent: LayerSource,
     layer: int,
     calib_hidden: torch.Tensor,  # (B, T, C) input of layer ``layer``'s attention sub-block
     attention_mask: torch.Tensor | None = None,  # (B, T)
 ) -> nn.Module | None:
     """A module implementing ``variant`` at ``layer``, initialized from the parent's attention there."""
-    pl = parent.model.layers[layer]
+    pl = parent.layer(layer)
     if variant.no_op:
         return None
-    ref = next(parent.parameters())
+    ref = next(pl.parameters(), calib_hidden)
+    calib_hidden = calib_hidden.to(ref.dtype)  # calibration may come in another precision than the weights
     cfg = parent.config
     mod = build_attention(variant, cfg)
     assert mod is not None
@@ -104,16 +123,17 @@ def ffn_channel_scores(parent_ffn: SwiGLU, x_normed: torch.Tensor) -> torch.Tens
 @torch.no_grad()
 def init_ffn(
     variant: FFNVariant,
-    parent: DeciLMForCausalLM,
+    parent: LayerSource,
     layer: int,
     calib_hidden: torch.Tensor,  # (B, T, C) input of layer ``layer``'s FFN sub-block
     attention_mask: torch.Tensor | None = None,  # (B, T): padding tokens are left out of the statistics
 ) -> nn.Module | None:
     """A module implementing ``variant`` at ``layer``, initialized from the parent's FFN there."""
-    pl = parent.model.layers[layer]
+    pl = parent.layer(layer)
     if variant.no_op:
         return None
-    ref = next(parent.parameters())
+    ref = next(pl.parameters(), calib_hidden)
+    calib_hidden = calib_hidden.to(ref.dtype)
     mod = build_ffn(variant, parent.config)
     assert mod is not None
     _like(mod, ref)

@@ -155,7 +155,9 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
-def _weight_files(d: Path) -> list[Path]:
+def weight_files(d: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face directory (index-listed shards, one file, or every
+    ``*.safetensors``); ModelLoadError when there are none, a listed shard is missing, or only pickles."""
     if (d / INDEX_NAME).is_file():
         idx = json.loads((d / INDEX_NAME).read_text())
         files = sorted(set(idx.get("weight_map", {}).values()))
@@ -180,7 +182,7 @@ def _weight_files(d: Path) -> list[Path]:
 def read_safetensors(d: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face directory (single file or sharded)."""
     out: dict[str, torch.Tensor] = {}
-    for f in _weight_files(Path(d)):
+    for f in weight_files(Path(d)):
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():  # noqa: SIM118  (safe_open is not iterable)
                 out[k] = fh.get_tensor(k)
@@ -238,15 +240,34 @@ def load_pretrained(
 
 
 _PARENT_TYPES = ("llama", "mistral", "qwen2")
+#: Fields a Llama-family config.json must give, as integers >= 1.
+_REQUIRED_INTS = ("vocab_size", "hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size")
+
+
+def _int_field(d: dict[str, Any], key: str, source: str, required: bool = True) -> int | None:
+    v = d.get(key)
+    if v is None and not required:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        got = "missing" if key not in d else f"{v!r}"
+        raise ModelLoadError(f"{source}: {key}: {got} is not allowed; allowed: an integer >= 1")
+    return v
 
 
 def parent_model_config(d: dict[str, Any], source: str) -> ModelConfig:
     """A ModelConfig (every layer the parent variant) from a Llama / Mistral / Qwen2 config.json."""
+    if not isinstance(d, dict):
+        raise ModelLoadError(f"{source}: the top level must be a JSON object, got {type(d).__name__}")
     mt = d.get("model_type")
     if mt not in _PARENT_TYPES:
         raise ModelLoadError(
             f"{source}: model_type {mt!r} is not allowed; allowed: {list(_PARENT_TYPES)} or 'nemotron-nas'"
         )
+    for k in _REQUIRED_INTS:
+        _int_field(d, k, source)
+    _int_field(d, "num_key_value_heads", source, required=False)
+    _int_field(d, "head_dim", source, required=False)
+    _int_field(d, "max_position_embeddings", source, required=False)
     for k in ("attention_bias", "mlp_bias"):
         if d.get(k):
             raise ModelLoadError(f"{source}: {k}: true is not supported (the nemotron-nas child has no biases)")
@@ -281,17 +302,36 @@ def parent_model_config(d: dict[str, Any], source: str) -> ModelConfig:
     )
 
 
+def parent_config(path: str | Path) -> ModelConfig:
+    """The parent's layer structure from its ``config.json`` alone (no weights read): a Llama-family
+    directory (every layer the parent variant) or a nemotron-nas one. Every problem is a ModelLoadError
+    (bad input) naming the file and the field."""
+    d = Path(path)
+    f = d / "config.json"
+    if not d.is_dir():
+        raise ModelLoadError(f"{d}: is not a directory; expected a Hugging Face model directory")
+    if not f.is_file():
+        raise ModelLoadError(f"{f}: not found; expected a Hugging Face model directory (config.json + safetensors)")
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{f}: not valid JSON ({err}); is the file truncated?") from None
+    if isinstance(raw, dict) and raw.get("model_type") == "nemotron-nas":
+        try:
+            return ModelConfig.from_dict(raw, str(f))
+        except BlockConfigError as err:
+            raise ModelLoadError(str(err)) from None
+    return parent_model_config(raw, str(f))
+
+
 def load_parent(
     path: str | Path, dtype: torch.dtype | str | None = torch.float32, device: str | torch.device = "cpu"
 ) -> DeciLMForCausalLM:
     """The parent as a heterogeneous model: a Llama-layout directory or a nemotron-nas directory."""
     d = Path(path)
-    if not (d / "config.json").is_file():
-        raise ModelLoadError(f"{d}: config.json not found; expected a Hugging Face model directory")
-    raw = json.loads((d / "config.json").read_text())
-    if raw.get("model_type") == "nemotron-nas":
+    cfg = parent_config(d)
+    if json.loads((d / "config.json").read_text(encoding="utf-8")).get("model_type") == "nemotron-nas":
         return load_pretrained(d, dtype, device)
-    cfg = parent_model_config(raw, str(d / "config.json"))
     sd = read_safetensors(d)
     bias = sorted(k for k in sd if k.endswith(".bias"))
     if bias:

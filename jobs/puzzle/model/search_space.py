@@ -9,11 +9,7 @@ from __future__ import annotations
 from puzzle.config import SearchSpaceConfig
 from puzzle.errors import ConfigError
 from puzzle.model.config import ModelConfig
-from puzzle.model.variants import AttentionVariant, FFNVariant, vllm_intermediate_size
-
-
-def head_divisors(num_attention_heads: int) -> list[int]:
-    return [g for g in range(1, num_attention_heads + 1) if num_attention_heads % g == 0]
+from puzzle.model.variants import AttentionVariant, FFNVariant, head_divisors, vllm_intermediate_size
 
 
 def expand_search_space(

@@ -230,6 +230,77 @@ def variant_from_name(name: str, hidden_size: int) -> AttentionVariant | FFNVari
     return ffn_variant_from_name(name, hidden_size)
 
 
+# ----- the vocabulary: names of sub-blocks and of coupled blocks, parsed and checked once ----------------
+#: What a name may stand for: an attention sub-block, an FFN sub-block, or a coupled "<attn>+<ffn>" block.
+KINDS = ("attention", "ffn", "block")
+COUPLED_SEPARATOR = "+"
+
+
+class VariantNameError(BadInputError):
+    """A variant name that breaks the grammar or does not fit the parent: names the value and what is allowed."""
+
+
+def head_divisors(num_attention_heads: int) -> list[int]:
+    """The n_heads_in_group values a parent with this many heads allows."""
+    return [g for g in range(1, num_attention_heads + 1) if num_attention_heads % g == 0]
+
+
+def check_fits(variant: AttentionVariant | FFNVariant, num_attention_heads: int) -> None:
+    """Raise VariantNameError unless ``variant`` can be built for a parent with this many heads."""
+    if isinstance(variant, AttentionVariant) and variant.kind == "gqa":
+        assert variant.n_heads_in_group is not None
+        if num_attention_heads % variant.n_heads_in_group:
+            raise VariantNameError(
+                f"variant {variant.name!r}: n_heads_in_group {variant.n_heads_in_group} does not divide the "
+                f"parent's {num_attention_heads} attention heads; allowed: {head_divisors(num_attention_heads)}")
+
+
+def coupled_name(attention: AttentionVariant | str, ffn: FFNVariant | str) -> str:
+    """The name of a coupled (whole-block) variant: ``attn_g4+ffn_m0.5``."""
+    a = attention if isinstance(attention, str) else attention.name
+    f = ffn if isinstance(ffn, str) else ffn.name
+    return f"{a}{COUPLED_SEPARATOR}{f}"
+
+
+def kind_of(name: str) -> str:
+    """'attention', 'ffn' or 'block' (coupled) for a well-formed name; VariantNameError otherwise."""
+    split_name(name)
+    if COUPLED_SEPARATOR in name:
+        return "block"
+    return "attention" if name.startswith("attn_") else "ffn"
+
+
+def split_name(name: str) -> tuple[str, ...]:
+    """``"attn_g4"`` -> ("attn_g4",); coupled ``"attn_g4+ffn_m0.5"`` -> ("attn_g4", "ffn_m0.5")."""
+    parts = tuple(name.split(COUPLED_SEPARATOR)) if isinstance(name, str) else ()
+    ok = (len(parts) == 1 and (_ATTN_RE.match(name) or _FFN_RE.match(name))) or (
+        len(parts) == 2 and _ATTN_RE.match(parts[0]) and _FFN_RE.match(parts[1]))
+    if not ok:
+        raise VariantNameError(
+            f"variant {name!r} is not allowed; use an attention name (attn_g<N>, attn_linear, attn_noop), an FFN "
+            "name (ffn_m<mult>, ffn_i<size>, ffn_linear, ffn_noop) or '<attn>+<ffn>' for a coupled block")
+    return parts
+
+
+def parse_name(name: str, hidden_size: int, num_attention_heads: int | None = None,
+               kind: str | None = None) -> tuple[AttentionVariant | FFNVariant, ...]:
+    """The typed sub-block variant(s) a name stands for (two for a coupled block), checked once: the grammar,
+    the kind (when given: 'attention', 'ffn' or 'block') and, with ``num_attention_heads``, that it fits."""
+    if kind is not None and kind not in KINDS:
+        raise VariantNameError(f"kind: {kind!r} is not allowed; allowed: {', '.join(KINDS)}")
+    parts = split_name(name)
+    try:
+        out = tuple(variant_from_name(p, hidden_size) for p in parts)
+    except ValueError as err:
+        raise VariantNameError(str(err)) from None
+    if kind is not None and kind_of(name) != kind:
+        raise VariantNameError(f"variant {name!r} is not a {kind} variant (it is a {kind_of(name)} variant)")
+    if num_attention_heads is not None:
+        for v in out:
+            check_fits(v, num_attention_heads)
+    return out
+
+
 def _need(d: Any, key: str, where: str, kinds: tuple[type, ...], allowed: str) -> Any:
     if not isinstance(d, dict) or key not in d:
         raise BlockConfigError(f"{where}.{key}: required field is missing; allowed: {allowed}")

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from puzzle.layout import profile_key, profile_prefix
 from puzzle.model import AttentionVariant, BlockConfig, FFNVariant, variant_from_name
 from puzzle.store import Store
 
@@ -132,12 +133,16 @@ class ScenarioProfile:
         """The cost of a variant (object or name) of ``kind``; ``kind="non_block"`` ignores ``variant``."""
         if kind == NON_BLOCK:
             if self.non_block is None:
-                raise ProfileError(f"scenario {self.name!r}: no non_block profile (profile/{self.name}/non_block.json)")
+                raise ProfileError(f"scenario {self.name!r}: no non_block profile ({profile_key(self.name, NON_BLOCK)})")
             return self.non_block
         if kind not in ("attention", "ffn"):
             raise ProfileError(f"kind: {kind!r} is not allowed; allowed: {list(KINDS)}")
         v = variant_from_name(variant, self.hidden_size) if isinstance(variant, str) else variant
         got = self._by_variant.get((kind, v))
+        if got is None and v.no_op:
+            # a no_op runs no kernels and holds nothing: its cost is zero whether or not it was profiled
+            # (the layer-drop baseline uses no_op blocks even when the search space offers none)
+            return VariantCost(kind, v.name, 0.0, 0.0, 0.0, 0, 0, 0, 0, False)
         if got is None:
             raise ProfileError(
                 f"scenario {self.name!r}: no {kind} profile for variant {v.name!r}; profiled: {self.variants(kind)}"
@@ -147,9 +152,10 @@ class ScenarioProfile:
 
 def load_scenario_profile(store: Store, scenario: str) -> ScenarioProfile:
     """Read every ``profile/<scenario>/*.json`` of a run's store."""
-    keys = [k for k in store.list(f"profile/{scenario}") if k.endswith(".json")]
+    keys = [k for k in store.list(profile_prefix(scenario)) if k.endswith(".json")]
     if not keys:
-        raise ProfileError(f"scenario {scenario!r}: no profiles under profile/{scenario}/; run the profile step first")
+        raise ProfileError(f"scenario {scenario!r}: no profiles under {profile_prefix(scenario)}/; run the profile "
+                           "step first")
     return ScenarioProfile([store.get_json(k) for k in sorted(keys)])
 
 

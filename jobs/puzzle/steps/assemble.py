@@ -9,7 +9,7 @@ One unit per entry of ``plan/assemble.json`` (written by solve)::
 Per layer: the parent's own variant keeps the parent's weights, a ``no_op`` is built empty, anything
 else comes from the library (in coupled mode the ``<attn>+<ffn>`` block when the library has it).
 With ``assemble.gkd.enabled`` every unit except ``parent`` is then distilled as a whole from the parent
-(:mod:`puzzle.gkd`), baselines with the same budget as Puzzle's children, so the report compares like
+(:mod:`puzzle.distill.gkd`; checkpointed in ``checkpoints/assemble/<id>/``, so a killed unit resumes), baselines with the same budget as Puzzle's children, so the report compares like
 with like.
 
 Writes ``child/<id>/`` in the nemotron-nas format (config.json, safetensors, generation_config.json,
@@ -21,15 +21,17 @@ any half-written child first. Metrics: ``puzzle_gkd_loss``, ``puzzle_gkd_kl``, `
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
 from typing import Any
 
-from puzzle.context import StepContext, UnitError
+from puzzle.context import StepContext
 from puzzle.data.shards import load_tokens, sequences
-from puzzle.evaluation import verify_parent
-from puzzle.library import Library, LibraryError
+from puzzle.errors import UnitError
+from puzzle.layout import checkpoint_prefix, child_complete_key, child_prefix
+from puzzle.library import Library, LibraryError, check_parent_unchanged
 from puzzle.model import (
     AttentionVariant,
     DeciLMForCausalLM,
@@ -40,16 +42,11 @@ from puzzle.model import (
     save_pretrained,
 )
 from puzzle.model.io import torch_dtype
-from puzzle.store import file_sha256
+from puzzle.run import child_record, publish_child
 
 log = logging.getLogger(__name__)
 
-COMPLETE = "complete.json"
 KINDS = ("parent", "puzzle", "uniform_ffn", "layer_drop")
-
-
-def child_prefix(unit_id: str) -> str:
-    return f"child/{unit_id}"
 
 
 def parse_block_configs(raw: Any, n_layers: int, hidden_size: int) -> list[tuple[AttentionVariant, FFNVariant]]:
@@ -106,15 +103,15 @@ def run(ctx: StepContext) -> None:
     if kind not in KINDS:
         raise UnitError(f"kind: {kind!r} is not allowed; allowed: {list(KINDS)}")
     prefix = child_prefix(ctx.unit_id)
-    done = f"{prefix}/{COMPLETE}"
-    if ctx.store.exists(done) and ctx.store.get_json(done).get("unit") == unit:
+    existing = child_record(ctx.store, ctx.unit_id)
+    if existing is not None and existing.get("unit") == unit:
         log.info("%s already complete", prefix)  # killed after complete.json, before the done marker
         return
     started = time.time()
     device = ctx.device()
     dtype = torch_dtype(cfg.parent.dtype)
     parent_dir = ctx.parent_dir()
-    verify_parent(ctx.store, parent_dir)
+    check_parent_unchanged(ctx.store, parent_dir)
     child = load_parent(parent_dir, dtype=dtype, device=device)
     n = len(child.model.layers)
     blocks = parse_block_configs(unit.get("block_configs"), n, child.config.hidden_size)
@@ -134,18 +131,20 @@ def run(ctx: StepContext) -> None:
 
     gkd: dict[str, Any] = {"enabled": False}
     if cfg.assemble.gkd.enabled and kind != "parent":
-        from puzzle.gkd import distill
+        from puzzle.distill.gkd import distill
 
         teacher = load_parent(parent_dir, dtype=dtype, device=device)
-        train = sequences(load_tokens(ctx.store, "data/distillation"), cfg.data.seq_len)
-        held = sequences(load_tokens(ctx.store, "data/validation"), cfg.data.seq_len)
+        train = sequences(load_tokens(ctx.store, "distillation"), cfg.data.seq_len)
+        held = sequences(load_tokens(ctx.store, "validation"), cfg.data.seq_len)
         held = held[: max(1, math.ceil(cfg.eval.tokens / cfg.data.seq_len))]
 
         def on_step(step: int, point: dict[str, float]) -> None:
             ctx.metrics.observe("gkd_step_loss", point["loss"], help="GKD loss of each optimizer step")
 
         result = distill(child, teacher, train, cfg.assemble.gkd, seed=cfg.seed, eval_seqs=held,
-                         on_step=on_step, desc=f"gkd {ctx.unit_id}")
+                         on_step=on_step, desc=f"gkd {ctx.unit_id}",
+                         checkpoints=ctx.store.child(checkpoint_prefix("assemble", ctx.unit_id)),
+                         resume_key=json.dumps(unit, sort_keys=True))
         del teacher
         gkd = {"enabled": True, **result.to_dict()}
         ctx.metrics.set("gkd_loss", result.curve[-1]["loss"], help="GKD loss at the last step")
@@ -160,23 +159,19 @@ def run(ctx: StepContext) -> None:
                         serving=cfg.search_space.serving)
     except ValueError as err:
         raise UnitError(str(err)) from None
-    # A retry must not leave files of an earlier, different attempt beside the new ones.
-    ctx.store.delete(done)
-    for key in ctx.store.list(prefix):
-        ctx.store.delete(key)
-    keys = ctx.store.upload_dir(prefix, out)
+    # publish_child checks the directory holds what readers need, removes what an earlier attempt left,
+    # and writes complete.json (every file's sha256) last.
     params = sum(p.numel() for p in child.parameters())
-    files = {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(out.rglob("*")) if p.is_file()}
-    ctx.store.put_json(done, {
-        "unit": unit, "id": ctx.unit_id, "kind": kind,
+    record = publish_child(ctx.store, ctx.unit_id, out, {
+        "unit": unit, "kind": kind,
         "block_configs": [{"attention": a.name, "ffn": f.name} for a, f in blocks],
-        "params": params, "files": files, "gkd": gkd, "seconds": time.time() - started,
+        "params": params, "gkd": gkd, "seconds": time.time() - started,
         "library": library.digest if library is not None else None, "device": str(device),
     })
     ctx.metrics.set("child_params", params, help="Parameters of the assembled child")
-    log.info("assembled %s (%d params, %d files) in %.1fs", prefix, params, len(keys), time.time() - started)
+    log.info("assembled %s (%d params, %d files) in %.1fs", child_complete_key(ctx.unit_id), params,
+             len(record["files"]), time.time() - started)
 
 
-__all__ = ["COMPLETE", "build_child", "child_prefix", "parse_block_configs", "run"]
+__all__ = ["build_child", "parse_block_configs", "run"]
 

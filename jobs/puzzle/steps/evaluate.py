@@ -27,28 +27,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from puzzle.context import StepContext, UnitError
+from puzzle.context import StepContext
 from puzzle.data.shards import load_tokens, sequences
+from puzzle.errors import UnitError
 from puzzle.evaluation import (
     compare_to_parent,
     icl_results,
     lm_eval_results,
     task_accuracy,
     throughput_figures,
-    verify_parent,
 )
 from puzzle.generation import DeciTextGenerator
+from puzzle.layout import eval_report_key
+from puzzle.library import check_parent_unchanged
 from puzzle.model import load_parent, load_pretrained
 from puzzle.model.io import torch_dtype
+from puzzle.run import download_child
 from puzzle.store import open_store
 
 log = logging.getLogger(__name__)
-
-COMPLETE = "complete.json"
-
-
-def report_key(unit_id: str) -> str:
-    return f"eval/{unit_id}/report.json"
 
 
 def run(ctx: StepContext) -> None:
@@ -56,19 +53,14 @@ def run(ctx: StepContext) -> None:
     ev = cfg.eval
     uid = ctx.unit_id
     started = time.time()
-    complete = f"child/{uid}/{COMPLETE}"
-    if not ctx.store.exists(complete):
-        raise UnitError(f"child/{uid} is not complete (no {complete}); run `puzzle step assemble` for this unit first")
-    record = ctx.store.get_json(complete)
     device = ctx.device()
     dtype = torch_dtype(cfg.parent.dtype)
     child_dir = ctx.scratch / "child"
-    keys = [k for k in ctx.store.list(f"child/{uid}") if not k.endswith(COMPLETE)]
-    for k in keys:
-        ctx.store.get_file(k, child_dir / k[len(f"child/{uid}/"):])
+    # every file checked against the sha256 its completion record lists, as fetch does
+    record = download_child(ctx.store, uid, child_dir)
     child = load_pretrained(child_dir, dtype=dtype, device=device)
     is_parent = record.get("kind") == "parent"
-    verify_parent(ctx.store, ctx.parent_dir())
+    check_parent_unchanged(ctx.store, ctx.parent_dir())
     parent = None if is_parent else load_parent(ctx.parent_dir(), dtype=dtype, device=device)
 
     out: dict[str, Any] = {
@@ -77,13 +69,13 @@ def run(ctx: StepContext) -> None:
         "gkd": record.get("gkd"), "device": str(device),
     }
 
-    seqs = sequences(load_tokens(ctx.store, "data/validation"), cfg.data.seq_len)
+    seqs = sequences(load_tokens(ctx.store, "validation"), cfg.data.seq_len)
     seqs = seqs[: max(1, math.ceil(ev.tokens / cfg.data.seq_len))]
     out["quality"] = compare_to_parent(child, parent, seqs, batch_size=cfg.score.batch_size)
     ctx.metrics.set("eval_kl", out["quality"]["kl"], help="KL(parent||model) per held-out token")
     ctx.metrics.set("eval_perplexity", out["quality"]["perplexity"], help="Held-out perplexity")
 
-    gen = DeciTextGenerator(child, child_dir)
+    gen = DeciTextGenerator(child, child_dir, batch_size=ev.generation_batch_size)
     out["task"] = None
     if ev.task_examples > 0:
         out["task"] = task_accuracy(gen, ev.task_examples, seed=cfg.seed)
@@ -99,10 +91,11 @@ def run(ctx: StepContext) -> None:
                                 help="Measured generation throughput", scenario=sc)
 
     out["icl"] = None
-    if ev.icl.enabled:
+    if ev.icl.enabled and record.get("kind") in ev.icl_models:
         # The parent both predicts the query programs (structure_predictor: parent) and sets the prompt
         # budget, so every unit is shown the same prompts; only the answering model differs.
-        parent_gen = DeciTextGenerator(parent, ctx.parent_dir()) if parent is not None else gen
+        parent_gen = (DeciTextGenerator(parent, ctx.parent_dir(), batch_size=ev.generation_batch_size)
+                      if parent is not None else gen)
         out["icl"] = icl_results(gen, ev.icl, _structure_predictor(ctx, parent_gen, dtype, device), parent_gen)
 
     out["lm_eval"] = None
@@ -110,7 +103,7 @@ def run(ctx: StepContext) -> None:
         out["lm_eval"] = lm_eval_results(child, child_dir, ev.lm_eval_tasks, seed=cfg.seed)
 
     out["seconds"] = time.time() - started
-    ctx.store.put_json(report_key(uid), out)
+    ctx.store.put_json(eval_report_key(uid), out)
     log.info("evaluated %s in %.1fs: kl %.4f, ppl %.2f", uid, out["seconds"], out["quality"]["kl"],
              out["quality"]["perplexity"])
 
@@ -131,7 +124,8 @@ def _structure_predictor(ctx: StepContext, parent_gen: DeciTextGenerator, dtype,
         path = Path(uri.removeprefix("file://"))
         if not (path / "config.json").is_file():
             raise UnitError(f"eval.icl.predictor_uri: {uri!r} is not a Hugging Face model directory (no config.json)")
-    return DeciTextGenerator(load_parent(path, dtype=dtype, device=device), path)
+    return DeciTextGenerator(load_parent(path, dtype=dtype, device=device), path,
+                             batch_size=ctx.config.eval.generation_batch_size)
 
 
-__all__ = ["report_key", "run"]
+__all__ = ["run"]

@@ -16,30 +16,21 @@ Run one unit by hand::
 
 from __future__ import annotations
 
-import json
 import logging
 
-from puzzle.context import StepContext, UnitError
-from puzzle.model import ModelConfig
-from puzzle.model.io import ModelLoadError, parent_model_config
-from puzzle.model.variants import BlockConfigError
+from puzzle import layout
+from puzzle.context import StepContext
+from puzzle.errors import UnitError
+from puzzle.model import ModelConfig, ModelLoadError, parent_config
 from puzzle.profiling.profiler import parse_variant, profile_unit
 
 log = logging.getLogger(__name__)
 
 
-def profile_key(scenario: str, variant: str) -> str:
-    return f"profile/{scenario}/{variant}.json"
-
-
 def _parent_config(ctx: StepContext) -> ModelConfig:
-    path = ctx.parent_dir() / "config.json"
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if raw.get("model_type") == "nemotron-nas":
-            return ModelConfig.from_json_file(path)
-        return parent_model_config(raw, str(path))
-    except (OSError, json.JSONDecodeError, ModelLoadError, BlockConfigError) as err:
+        return parent_config(ctx.parent_dir())
+    except ModelLoadError as err:
         raise UnitError(f"parent.uri: cannot read the parent's config.json ({err})") from None
 
 
@@ -59,7 +50,7 @@ def run(ctx: StepContext) -> None:
     except ValueError as err:
         raise UnitError(f"unit {unit['id']!r}: {err}") from None
     rec = profile_unit(cfg, unit["kind"], unit["variant"], scenario, ctx.config.profile, seed=ctx.config.seed)
-    ctx.store.put_json(profile_key(scenario.name, unit["variant"]), rec)
+    ctx.store.put_json(layout.profile_key(scenario.name, unit["variant"]), rec)
     labels = {"scenario": scenario.name, "variant": unit["variant"], "estimate": str(rec["estimate"]).lower()}
     ctx.metrics.set("profile_prefill_seconds", rec["prefill_s"],
                     help="Prefill of the scenario's batch through one block of this variant", **labels)

@@ -3,10 +3,16 @@
 For every layer of the unit's range and every variant of the search space, the parent with that one
 block swapped for the library block is compared with the parent on held-out tokens: KL divergence of
 next-token distributions (``kl``, the default degradation), LM-loss increase (``lm_loss``), cosine
-distance of the final hidden states (``cosine``). Memory stays bounded: per batch the parent runs once,
-the hidden states entering each layer of the range are kept, and each swapped model only reruns from
-its layer on. The unit also records how similar each layer's input and output hidden states are
-(``scores/similarity/<layer>.json``), which the layer-dropping baseline uses.
+distance of the final hidden states (``cosine``).
+
+One parent pass per batch feeds every candidate: the parent's layers run in order, streamed layer by
+layer when they do not all fit (:class:`puzzle.model.streaming.ParentLayers`), and at each layer every
+candidate's hidden state advances through it too (a candidate joins at its own layer, with its block in
+place of the parent's), so each parent layer is read once per batch however many candidates there are.
+Memory is the parent's resident layers, one hidden state per candidate and one candidate's logits at a
+time. The unit also records how similar each layer's input and output hidden states are
+(``scores/similarity/<layer>.json``), which the layer-dropping baseline uses. ``score.task_examples``
+(exact match of the swapped model on the tiny task) generates with the whole parent in memory.
 
 Writes ``scores/<layer>/<variant>.json``; the parent's own variants score 0 by definition.
 """
@@ -16,37 +22,78 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from puzzle.context import StepContext, UnitError
+from puzzle import layout
+from puzzle.context import StepContext
 from puzzle.data.shards import load_tokens, sequences
-from puzzle.library import Library, parse_variants
-from puzzle.model import AttentionVariant, DeciLMForCausalLM, load_parent
+from puzzle.errors import UnitError
+from puzzle.library import Library
+from puzzle.model import (
+    AttentionVariant,
+    BlockConfig,
+    DeciLayer,
+    FFNVariant,
+    ModelConfig,
+    coupled_name,
+    load_parent,
+    parent_config,
+    parse_name,
+)
 from puzzle.model.io import torch_dtype
+from puzzle.model.streaming import ParentLayers
+from puzzle.planning import FILL, OVERHEAD_BYTES, non_block_bytes, parent_layer_bytes
 
 log = logging.getLogger(__name__)
 
 
-def _candidates(ctx: StepContext, n_layers: int) -> list[tuple[str, str]]:
-    """(kind, variant name) pairs scored at every layer: every non-parent variant of the plan."""
-    variants = ctx.store.get_json("plan/variants.json")
+def _candidates(ctx: StepContext) -> list[tuple[str, str]]:
+    """(kind, variant name) pairs scored at every layer: every variant of the plan."""
+    variants = ctx.store.get_json(layout.VARIANTS_PLAN)
     if ctx.config.bld.mode == "coupled":
-        return [("block", f"{a}+{f}") for a in variants["attention"] for f in variants["ffn"]]
+        return [("block", coupled_name(a, f)) for a in variants["attention"] for f in variants["ffn"]]
     return [("attention", v) for v in variants["attention"]] + [("ffn", v) for v in variants["ffn"]]
 
 
-def _swap(model: DeciLMForCausalLM, layer: int, state: dict) -> None:
-    lyr = model.model.layers[layer]
-    lyr.input_layernorm, lyr.self_attn = state["attention"]
-    lyr.post_attention_layernorm, lyr.mlp = state["ffn"]
+@dataclass
+class Candidate:
+    """One (layer, variant) with its block as a DeciLayer holding only the swapped sub-block(s)."""
+
+    layer: int
+    kind: str
+    name: str
+    block: DeciLayer
+
+    @property
+    def key(self) -> tuple[int, str, str]:
+        return self.layer, self.kind, self.name
+
+    def apply(self, parent_layer: DeciLayer, h: torch.Tensor, rope) -> torch.Tensor:
+        """The layer with this candidate in place of the parent's sub-block(s)."""
+        if self.kind == "attention":
+            return parent_layer.ffn_sublayer(self.block.attn_sublayer(h, *rope))
+        if self.kind == "ffn":
+            return self.block.ffn_sublayer(parent_layer.attn_sublayer(h, *rope))
+        return self.block.ffn_sublayer(self.block.attn_sublayer(h, *rope))
 
 
-def _state(model: DeciLMForCausalLM, layer: int) -> dict:
-    lyr = model.model.layers[layer]
-    return {"attention": (lyr.input_layernorm, lyr.self_attn), "ffn": (lyr.post_attention_layernorm, lyr.mlp)}
+def _build_candidate(cfg: ModelConfig, lib: Library, layer: int, kind: str, name: str, device, dtype) -> Candidate:
+    parts = parse_name(name, cfg.hidden_size)
+    attn = next((p for p in parts if isinstance(p, AttentionVariant)), AttentionVariant.noop())
+    ffn = next((p for p in parts if isinstance(p, FFNVariant)), FFNVariant.noop())
+    with torch.device("meta"):
+        block = DeciLayer(cfg, BlockConfig(attn, ffn))
+    want = set(block.state_dict())
+    sd = lib.load_block(layer, name, device, dtype) if want else {}
+    if set(sd) != want:
+        raise UnitError(f"library {lib.uri}: layer {layer}, variant {name!r} holds {sorted(sd)[:4]}..., the "
+                        f"variant needs {sorted(want)[:4]}...; redo bld for it")
+    block.load_state_dict(sd, assign=True)
+    return Candidate(layer, kind, name, block.requires_grad_(False).eval())
 
 
 def run(ctx: StepContext) -> None:
@@ -54,92 +101,89 @@ def run(ctx: StepContext) -> None:
     a, b = ctx.unit.get("layers", [None, None])
     device = ctx.device()
     dtype = torch_dtype(cfg.parent.dtype)
-    parent = load_parent(ctx.parent_dir(), dtype=dtype, device=device).eval()
-    n = len(parent.model.layers)
-    if not (isinstance(a, int) and isinstance(b, int) and 0 <= a < b <= n):
+    parent_dir = ctx.parent_dir()
+    pcfg = parent_config(parent_dir)
+    n = pcfg.num_hidden_layers
+    if not (isinstance(a, int) and isinstance(b, int) and not isinstance(a, bool) and 0 <= a < b <= n):
         raise UnitError(f"layers: {ctx.unit.get('layers')!r} is not allowed; need [a, b] with 0 <= a < b <= {n}")
     lib = Library.for_run(ctx)
-    parent_names = {i: (lyr.attention_variant.name, lyr.ffn_variant.name) for i, lyr in enumerate(parent.model.layers)}
+    own = {i: (bc.attention.name, bc.ffn.name) for i, bc in enumerate(pcfg.block_configs)}
 
-    # Build every (layer, variant) block once; scoring swaps module references, never copies weights.
-    blocks: dict[tuple[int, str, str], dict] = {}
+    cands: list[Candidate] = []
     for layer in range(a, b):
-        original = _state(parent, layer)
-        for kind, name in _candidates(ctx, n):
-            parts = parse_variants(name, parent.config.hidden_size)
-            is_parent = all(
-                p.name == parent_names[layer][0 if isinstance(p, AttentionVariant) else 1] for p in parts
-            )
-            if is_parent:
-                continue
-            noop_only = all(p.no_op for p in parts)
-            if not noop_only and not lib.has(layer, name):
+        for kind, name in _candidates(ctx):
+            parts = parse_name(name, pcfg.hidden_size)
+            if all(p.name == own[layer][0 if isinstance(p, AttentionVariant) else 1] for p in parts):
+                continue  # the parent's own variant: 0 by definition
+            if not all(p.no_op for p in parts) and not lib.has(layer, name):
                 raise UnitError(f"library {lib.uri} has no block for layer {layer}, variant {name!r}; run bld first")
-            if noop_only:
-                for p in parts:
-                    if isinstance(p, AttentionVariant):
-                        parent.set_attention(layer, p, None)
-                    else:
-                        parent.set_ffn(layer, p, None)
-            else:
-                lib.apply(parent, layer, name)
-            blocks[(layer, kind, name)] = _state(parent, layer)
-            _swap(parent, layer, original)
-        parent.current_config()
+            cands.append(_build_candidate(pcfg, lib, layer, kind, name, device, dtype))
 
-    seqs = sequences(load_tokens(ctx.store, "data/validation"), cfg.data.seq_len)
+    budget = cfg.compute.gpu_memory_gib * 2**30 * FILL - OVERHEAD_BYTES
+    resident, used = [], non_block_bytes(pcfg, cfg.parent.dtype)
+    for i in range(n):
+        size = parent_layer_bytes(pcfg, i, cfg.parent.dtype)
+        if used + size <= budget:
+            resident.append(i)
+            used += size
+    parent = ParentLayers(parent_dir, pcfg, dtype, device, resident=resident,
+                          host_cache_bytes=int(cfg.compute.host_memory_gib * 2**30))
+    sk = parent.skeleton
+    seqs = sequences(load_tokens(ctx.store, "validation"), cfg.data.seq_len)
     n_seq = min(len(seqs), max(1, math.ceil(cfg.score.tokens / cfg.data.seq_len)))
     seqs = seqs[:n_seq]
-    sums = {key: {"kl": 0.0, "ce": 0.0, "cos": 0.0} for key in blocks}
+    sums = {c.key: {"kl": 0.0, "ce": 0.0, "cos": 0.0} for c in cands}
     parent_ce = 0.0
     sim = {layer: 0.0 for layer in range(a, b)}
     tokens = 0
     started = time.time()
     bar = tqdm(total=n_seq, desc=f"score {ctx.unit_id}", unit="seq", leave=False)
-    with torch.no_grad():
-        for s in range(0, n_seq, cfg.score.batch_size):
-            ids = seqs[s : s + cfg.score.batch_size].to(device)  # (B, T)
-            h = parent.run_layers(parent.embed(ids), 0, a)
-            entering = {}
-            for layer in range(a, b):
-                entering[layer] = h
-                out = parent.run_layers(h, layer, layer + 1)
-                sim[layer] += F.cosine_similarity(h.float(), out.float(), dim=-1).sum().item()
-                h = out
-            final = parent.model.norm(parent.run_layers(h, b, n))  # (B, T, C)
-            logp = F.log_softmax(parent.lm_head(final).float(), dim=-1)  # (B, T, V)
-            targets = ids[:, 1:]
-            parent_ce += F.nll_loss(logp[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
-            n_tok = ids.numel()
-            tokens += n_tok
-            for (layer, kind, name), state in blocks.items():
-                original = _state(parent, layer)
-                _swap(parent, layer, state)
-                hh = parent.run_layers(entering[layer], layer, n)
-                _swap(parent, layer, original)
-                cfinal = parent.model.norm(hh)
-                clogp = F.log_softmax(parent.lm_head(cfinal).float(), dim=-1)
-                acc = sums[(layer, kind, name)]
-                acc["kl"] += F.kl_div(clogp, logp, log_target=True, reduction="sum").item()
-                acc["ce"] += F.nll_loss(clogp[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
-                acc["cos"] += (1 - F.cosine_similarity(cfinal.float(), final.float(), dim=-1)).sum().item()
-            bar.update(len(ids))
-    bar.close()
+    try:
+        with torch.no_grad():
+            for s in range(0, n_seq, cfg.score.batch_size):
+                ids = seqs[s : s + cfg.score.batch_size].to(device)  # (B, T)
+                h = sk.embed(ids)  # (B, T, C)
+                rope = sk.attention_inputs(h)
+                states: dict[tuple[int, str, str], torch.Tensor] = {}
+                for j, layer in parent.layers(0, n):
+                    for key, hs in list(states.items()):  # candidates past their own layer run layer j
+                        states[key] = layer.ffn_sublayer(layer.attn_sublayer(hs, *rope))
+                    for c in cands:
+                        if c.layer == j:
+                            states[c.key] = c.apply(layer, h, rope)
+                    out = layer.ffn_sublayer(layer.attn_sublayer(h, *rope))
+                    if a <= j < b:
+                        sim[j] += F.cosine_similarity(h.float(), out.float(), dim=-1).sum().item()
+                    h = out
+                final = sk.model.norm(h)  # (B, T, C)
+                logp = F.log_softmax(sk.lm_head(final).float(), dim=-1)  # (B, T, V)
+                targets = ids[:, 1:]
+                parent_ce += F.nll_loss(logp[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
+                tokens += ids.numel()
+                for key, hh in states.items():
+                    cfinal = sk.model.norm(hh)
+                    clogp = F.log_softmax(sk.lm_head(cfinal).float(), dim=-1)
+                    acc = sums[key]
+                    acc["kl"] += F.kl_div(clogp, logp, log_target=True, reduction="sum").item()
+                    acc["ce"] += F.nll_loss(clogp[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
+                    acc["cos"] += (1 - F.cosine_similarity(cfinal.float(), final.float(), dim=-1)).sum().item()
+                bar.update(len(ids))
+    finally:
+        bar.close()
+        parent.close()
     n_pred = tokens - n_seq  # next-token targets: T - 1 per sequence
-    task_drop = _task_accuracy_drops(ctx, parent, blocks) if cfg.score.task_examples > 0 else {}
+    task_drop = _task_accuracy_drops(ctx, parent_dir, cands, dtype, device) if cfg.score.task_examples > 0 else {}
     seconds = time.time() - started
+    coupled = cfg.bld.mode == "coupled"
     for layer in range(a, b):
-        for kind, names in (("attention", [parent_names[layer][0]]), ("ffn", [parent_names[layer][1]])):
-            if cfg.bld.mode == "coupled":
-                continue
-            for name in names:
-                _write(ctx, layer, kind, name, kl=0.0, lm_loss_delta=0.0, cosine_distance=0.0, tokens=tokens,
-                       parent=True, **({"task_accuracy_drop": 0.0} if task_drop else {}))
-        if cfg.bld.mode == "coupled":
-            _write(ctx, layer, "block", "+".join(parent_names[layer]), kl=0.0, lm_loss_delta=0.0,
-                   cosine_distance=0.0, tokens=tokens, parent=True,
-                   **({"task_accuracy_drop": 0.0} if task_drop else {}))
-        ctx.store.put_json(f"scores/similarity/{layer:03d}.json",
+        zero = {"kl": 0.0, "lm_loss_delta": 0.0, "cosine_distance": 0.0, "tokens": tokens, "parent": True,
+                **({"task_accuracy_drop": 0.0} if task_drop else {})}
+        if coupled:
+            _write(ctx, layer, "block", coupled_name(*own[layer]), **zero)
+        else:
+            _write(ctx, layer, "attention", own[layer][0], **zero)
+            _write(ctx, layer, "ffn", own[layer][1], **zero)
+        ctx.store.put_json(layout.similarity_key(layer),
                            {"layer": layer, "cosine_similarity": sim[layer] / tokens, "tokens": tokens})
     for (layer, kind, name), acc in sums.items():
         _write(ctx, layer, kind, name, kl=acc["kl"] / tokens, lm_loss_delta=(acc["ce"] - parent_ce) / n_pred,
@@ -148,30 +192,42 @@ def run(ctx: StepContext) -> None:
         ctx.metrics.set("score_kl", acc["kl"] / tokens, help="Replace-1-block KL divergence (nats/token)",
                         layer=str(layer), variant=name)
     ctx.metrics.set("score_seconds", seconds, help="Seconds spent scoring the unit")
-    log.info("scored %d blocks on %d tokens in %.1fs", len(blocks), tokens, seconds)
+    log.info("scored %d blocks on %d tokens in %.1fs (%d parent layers streamed per batch)", len(cands), tokens,
+             seconds, n - len(resident))
 
 
-def _task_accuracy_drops(ctx: StepContext, parent: DeciLMForCausalLM, blocks: dict) -> dict:
+def _task_accuracy_drops(ctx: StepContext, parent_dir, cands: list[Candidate], dtype, device) -> dict:
     """Parent task exact match minus the swapped model's, per (layer, kind, variant) (score.task_examples)."""
     from puzzle.evaluation import task_accuracy
     from puzzle.generation import DeciTextGenerator
 
+    parent = load_parent(parent_dir, dtype=dtype, device=device).eval()
     n, seed = ctx.config.score.task_examples, ctx.config.seed
-    gen = DeciTextGenerator(parent, ctx.parent_dir(), batch_size=ctx.config.score.batch_size)
+    gen = DeciTextGenerator(parent, parent_dir, batch_size=ctx.config.score.batch_size)
+    drops = {}
     with torch.no_grad():
         base = task_accuracy(gen, n, seed=seed)["accuracy"]
-        drops = {}
-        for key, state in blocks.items():
-            layer = key[0]
-            original = _state(parent, layer)
-            _swap(parent, layer, state)
+        for c in cands:
+            original = parent.model.layers[c.layer]
+            swapped = DeciLayer(parent.config, BlockConfig(
+                c.block.attention_variant if c.kind != "ffn" else original.attention_variant,
+                c.block.ffn_variant if c.kind != "attention" else original.ffn_variant)).to(device, dtype)
+            if c.kind != "ffn":
+                swapped.input_layernorm, swapped.self_attn = c.block.input_layernorm, c.block.self_attn
+            else:
+                swapped.input_layernorm, swapped.self_attn = original.input_layernorm, original.self_attn
+            if c.kind != "attention":
+                swapped.post_attention_layernorm, swapped.mlp = c.block.post_attention_layernorm, c.block.mlp
+            else:
+                swapped.post_attention_layernorm, swapped.mlp = original.post_attention_layernorm, original.mlp
+            parent.model.layers[c.layer] = swapped
             parent.current_config()  # the KV cache is sized from the config: it must match the swapped block
-            drops[key] = base - task_accuracy(gen, n, seed=seed)["accuracy"]
-            _swap(parent, layer, original)
+            drops[c.key] = base - task_accuracy(gen, n, seed=seed)["accuracy"]
+            parent.model.layers[c.layer] = original
             parent.current_config()
     return drops
 
 
 def _write(ctx: StepContext, layer: int, kind: str, name: str, *, parent: bool, **figures) -> None:
-    ctx.store.put_json(f"scores/{layer:03d}/{name}.json",
+    ctx.store.put_json(layout.score_key(layer, name),
                        {"layer": layer, "kind": kind, "variant": name, "parent_variant": parent, **figures})

@@ -21,8 +21,6 @@ budget (``assemble.gkd``) is given to the baselines. Use::
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,14 +28,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from puzzle.config import GKDConfig
 from puzzle.data.shards import batch_indices
 from puzzle.model import DeciLMForCausalLM
+from puzzle.training import (
+    Part,
+    Schedule,
+    Trainer,
+    adamw,
+    clear_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    steps_for,
+)
 
-# Not in GKDConfig (it has no field for them): the same schedule shape as BLD uses, which suits a
-# short fine-tune of an already-close model: a few warm-up steps, cosine decay, clipped gradients.
 _MAX_CURVE_POINTS = 200
 
 
@@ -80,15 +85,7 @@ def gkd_loss(
 
 def num_steps(cfg: GKDConfig, seq_len: int) -> int:
     """Optimizer steps that consume ``cfg.tokens`` tokens (at least one)."""
-    return max(1, math.ceil(cfg.tokens / (cfg.batch_size * seq_len)))
-
-
-def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
-    warm = max(1, int(warmup_fraction * total))
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return 0.5 * (1 + math.cos(math.pi * progress))
+    return steps_for(cfg.tokens, cfg.batch_size, seq_len)
 
 
 @torch.no_grad()
@@ -114,8 +111,15 @@ def distill(
     eval_seqs: torch.Tensor | None = None,  # (M, T) held-out sequences for the before/after KL
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     desc: str = "gkd",
+    checkpoints=None,  # a Store: resumable state every cfg.checkpoint_every steps (None: no checkpoints)
+    resume_key: str = "",  # what the checkpoint must have been made for (the unit), else it is ignored
 ) -> GKDResult:
-    """Train every parameter of ``child`` towards ``parent`` (frozen) for ``cfg.tokens`` tokens."""
+    """Train every parameter of ``child`` towards ``parent`` (frozen) for ``cfg.tokens`` tokens.
+
+    With ``checkpoints``, the state (weights, optimizer, step, RNG, curve) is saved every
+    ``cfg.checkpoint_every`` steps and a second call resumes from it, ending with the weights an
+    uninterrupted call would have produced; the checkpoint is removed when training ends.
+    """
     if len(seqs) == 0:
         raise ValueError("seqs: no distillation sequences; GKD needs at least one")
     if len(child.model.layers) != len(parent.model.layers):
@@ -129,42 +133,57 @@ def distill(
     parent.eval()
     for p in parent.parameters():
         p.requires_grad_(False)
-    initial = held_out_kl(child, parent, eval_seqs, cfg.batch_size) if eval_seqs is not None else None
-    torch.manual_seed(seed)
+    cuda = dev.type == "cuda"
     params = [p for p in child.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda"
-                else contextlib.nullcontext())
-    every = max(1, total // _MAX_CURVE_POINTS)
+    part = Part("child", child, adamw(params, cfg.lr, fused=cuda or None), cfg.grad_clip)
+    trainer = Trainer({"child": part}, Schedule.from_fraction(total, cfg.lr, cfg.warmup_fraction), dev,
+                      tokens_per_step=cfg.batch_size * seq_len)
+    start, initial, prior = 0, None, 0.0
     curve: list[dict[str, float]] = []
-    batches = batch_indices(len(seqs), cfg.batch_size, seed)
+    resumed = load_checkpoint(checkpoints) if checkpoints is not None else None
+    if resumed is not None and resumed[1].get("total_steps") == total and resumed[1].get("key") == resume_key:
+        state, meta = resumed
+        trainer.load_state_dict(state)
+        start, initial, prior = trainer.step, meta.get("initial_kl"), float(meta.get("seconds", 0.0))
+        curve = list(meta.get("curve") or [])
+    else:
+        torch.manual_seed(seed)
+        initial = held_out_kl(child, parent, eval_seqs, cfg.batch_size) if eval_seqs is not None else None
+    every = max(1, total // _MAX_CURVE_POINTS)
+    points: dict[int, dict[str, float]] = {}
+    batches = batch_indices(len(seqs), cfg.batch_size, seed, start)
     started = time.time()
     child.train()
-    bar = tqdm(range(total), desc=desc, unit="step", leave=False)
-    for step in bar:
+
+    def loss_fn(step: int):
         ids = seqs[next(batches)].to(dev)  # (B, T)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), trainer.autocast():
             p_logits, p_hidden = parent(ids, output_hidden_states=True)
-        with autocast:
+        with trainer.autocast():
             c_logits, c_hidden = child(ids, output_hidden_states=True)
             loss, kl, cos = gkd_loss(c_logits, c_hidden, p_logits, p_hidden, cfg.kl_weight, cfg.cosine_weight)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * _lr_factor(step, total, cfg.warmup_fraction)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        point = {"step": step + 1, "loss": float(loss.detach()), "kl": kl, "cosine": cos,
-                 "tokens": (step + 1) * ids.numel()}
-        if step % every == 0 or step == total - 1:
+        points[step] = {"step": step + 1, "loss": float(loss.detach()), "kl": kl, "cosine": cos,
+                        "tokens": (step + 1) * ids.numel()}
+        yield "child", loss
+
+    def after(done: int) -> None:
+        point = points.pop(done - 1)
+        if (done - 1) % every == 0 or done == total:
             curve.append(point)
         if on_step is not None:
-            on_step(step + 1, point)
-        bar.set_postfix(loss=f"{point['loss']:.4f}")
-    bar.close()
+            on_step(done, point)
+        if checkpoints is not None and done % cfg.checkpoint_every == 0 and done < total:
+            save_checkpoint(checkpoints, trainer.state_dict(), {
+                "total_steps": total, "key": resume_key, "initial_kl": initial, "curve": curve,
+                "seconds": prior + time.time() - started})
+
+    trainer.train(start, total, loss_fn, on_step=after, desc=desc,
+                  postfix=lambda: f"loss {curve[-1]['loss']:.4f}" if curve else "")
     child.eval()
     final = held_out_kl(child, parent, eval_seqs, cfg.batch_size) if eval_seqs is not None else None
-    return GKDResult(steps=total, tokens=total * cfg.batch_size * seq_len, seconds=time.time() - started,
+    if checkpoints is not None:
+        clear_checkpoint(checkpoints)
+    return GKDResult(steps=total, tokens=total * cfg.batch_size * seq_len, seconds=prior + time.time() - started,
                      initial_kl=initial, final_kl=final, curve=curve)
 
 

@@ -1,0 +1,500 @@
+"""The plan of a run before any GPU time is spent: BLD's stages, and per step the units, the peak memory of
+a unit and an estimate of the GPU time.
+
+**Stages.** A bld unit trains every candidate block of a contiguous layer range (a *stage*) from one
+parent pass per batch (:mod:`puzzle.distill.bld`). The parent runs over layers ``0 .. end-1`` of its stage
+for every batch, so later stages cost more; :func:`plan_stages` cuts the layers into about
+``compute.gpu_pods`` stages that minimise the slowest stage (a dynamic program over the cut points), then
+cuts further until every stage fits ``compute.gpu_memory_gib``; when even one layer's blocks do not fit,
+its variants are split into groups (units with the same layers and fewer blocks). The parent's layers a
+unit needs stay resident when they fit beside the blocks, else they stream (``ParentLayers``).
+
+**Estimates.** FLOPs follow :mod:`puzzle.model.counts` (2 per multiply-add; a training step of a block is
+3x its forward), GPU time is FLOPs over ``compute.peak_tflops * compute.mfu`` (or the streamed bytes over
+``compute.host_to_device_gbps`` when that is slower), profile units from the roofline model of
+:mod:`puzzle.profiling.roofline`. Memory: a trained block holds fp32 weights and AdamW's two moments (12
+bytes a parameter) and one block's gradients at a time; the parent's layers and the activations of one
+layer come on top. Every figure is an estimate and says so; ``bench_bld.py --plan`` checks it against
+measured step times.
+
+``puzzle run --dry-run`` prints :func:`format_plan`; ``prepare`` writes the same dict to
+``plan/cost.json``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from puzzle.config import PuzzleConfig
+from puzzle.model import AttentionVariant, FFNVariant, ModelConfig, attention_counts, ffn_counts, parse_name
+from puzzle.model.counts import dtype_bytes, non_block_counts
+
+GiB = 2**30
+#: CUDA context, allocator slack and fragmentation, kept free in every unit's plan.
+OVERHEAD_BYTES = 2 * GiB
+#: Fraction of the GPU a plan may fill (the rest absorbs what the model does not count).
+FILL = 0.9
+_TRAIN_STATE_BYTES = 12  # fp32 weights + AdamW exp_avg + exp_avg_sq
+_GRAD_BYTES = 4
+
+
+# ----- counts ---------------------------------------------------------------------------------------------
+def _variant_params(v: AttentionVariant | FFNVariant, cfg: ModelConfig) -> int:
+    return (attention_counts(v, cfg) if isinstance(v, AttentionVariant) else ffn_counts(v, cfg)).params
+
+
+def block_params(name: str, cfg: ModelConfig) -> int:
+    """Parameters of a library block (both sub-blocks of a coupled one), norms included."""
+    return sum(_variant_params(v, cfg) for v in parse_name(name, cfg.hidden_size))
+
+
+def _variant_fwd_flops(v: AttentionVariant | FFNVariant, cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one sub-block at sequence length ``seq_len`` (causal attention)."""
+    c = attention_counts(v, cfg) if isinstance(v, AttentionVariant) else ffn_counts(v, cfg)
+    return 2.0 * c.matmul_params + 2.0 * c.attn_heads * c.head_dim * (seq_len + 1)
+
+
+def block_fwd_flops(name: str, cfg: ModelConfig, seq_len: int) -> float:
+    return sum(_variant_fwd_flops(v, cfg, seq_len) for v in parse_name(name, cfg.hidden_size))
+
+
+def parent_layer_fwd_flops(cfg: ModelConfig, layer: int, seq_len: int) -> float:
+    b = cfg.block_configs[layer]
+    return _variant_fwd_flops(b.attention, cfg, seq_len) + _variant_fwd_flops(b.ffn, cfg, seq_len)
+
+
+def parent_layer_bytes(cfg: ModelConfig, layer: int, dtype: str) -> int:
+    b = cfg.block_configs[layer]
+    return (_variant_params(b.attention, cfg) + _variant_params(b.ffn, cfg)) * dtype_bytes(dtype)
+
+
+def non_block_bytes(cfg: ModelConfig, dtype: str) -> int:
+    return non_block_counts(cfg).params * dtype_bytes(dtype)
+
+
+def _max_intermediate(cfg: ModelConfig, names: Sequence[str]) -> int:
+    sizes = [cfg.hidden_size]
+    for b in cfg.block_configs:
+        if b.ffn.intermediate_size:
+            sizes.append(b.ffn.intermediate_size)
+    for name in names:
+        for v in parse_name(name, cfg.hidden_size):
+            if isinstance(v, FFNVariant) and v.intermediate_size:
+                sizes.append(v.intermediate_size)
+    return max(sizes)
+
+
+def activation_bytes(cfg: ModelConfig, names: Sequence[str], batch: int, seq_len: int, dtype: str) -> int:
+    """One layer's parent activations (h, a, h' and the forward's temporaries) plus the forward and backward
+    activations of the largest block, which run one block at a time."""
+    tokens = batch * seq_len
+    C, inter = cfg.hidden_size, _max_intermediate(cfg, names)
+    act = dtype_bytes("bfloat16") if dtype != "float32" else 4
+    parent = tokens * (6 * C + 3 * inter) * act
+    block = tokens * (10 * C + 6 * inter) * act + 2 * tokens * C * 4  # + the fp32 copies the loss makes
+    return parent + block
+
+
+# ----- stages ---------------------------------------------------------------------------------------------
+@dataclass
+class StagePlan:
+    """One bld unit: layers ``[start, end)``, the blocks it trains there, where the parent's layers live."""
+
+    start: int
+    end: int
+    blocks: list[str]
+    group: int = 0  # > 0 when one layer's variants were split over several units
+    train_state_bytes: int = 0
+    parent_bytes: int = 0
+    activation_bytes: int = 0
+    resident_layers: list[int] = field(default_factory=list)
+    streamed_layers: int = 0
+    flops_per_token: float = 0.0
+    streamed_bytes_per_batch: int = 0
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.train_state_bytes + self.parent_bytes + self.activation_bytes + OVERHEAD_BYTES
+
+    @property
+    def id(self) -> str:
+        g = f".g{self.group}" if self.group else ""
+        return f"bld.l{self.start:03d}-{self.end:03d}{g}"
+
+    def unit(self) -> dict[str, Any]:
+        return {"id": self.id, "layers": [self.start, self.end], "blocks": list(self.blocks),
+                "resident_layers": list(self.resident_layers),
+                "planned_memory_gib": round(self.memory_bytes / GiB, 3)}
+
+
+def trained_blocks(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], ffn: Sequence[str],
+                   layer: int) -> list[str]:
+    """The blocks a stage trains (or, for no_op, evaluates) at ``layer``: every variant but the parent's own."""
+    own = cfg.block_configs[layer]
+    if config.bld.mode == "coupled":
+        return [f"{a}+{f}" for a in attention for f in ffn if not (a == own.attention.name and f == own.ffn.name)]
+    return [a for a in attention if a != own.attention.name] + [f for f in ffn if f != own.ffn.name]
+
+
+def _train_state(cfg: ModelConfig, names: Sequence[str], n_layers: int) -> int:
+    params = [block_params(n, cfg) for n in names]
+    return n_layers * sum(params) * _TRAIN_STATE_BYTES + max(params, default=0) * _GRAD_BYTES
+
+
+def _stage_cost(cfg: ModelConfig, names_per_layer: list[list[str]], start: int, end: int, seq_len: int,
+                prefix: list[float]) -> float:
+    """Training FLOPs per token of the stage: the parent's forward up to ``end`` + 3x every block's forward."""
+    trained = sum(3.0 * block_fwd_flops(n, cfg, seq_len) for i in range(start, end) for n in names_per_layer[i])
+    return prefix[end] + trained
+
+
+def plan_stages(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], ffn: Sequence[str]) -> list[StagePlan]:
+    """The bld units of a run (see the module docstring)."""
+    n = cfg.num_hidden_layers
+    seq = config.data.seq_len
+    budget = config.compute.gpu_memory_gib * GiB * FILL
+    names = [trained_blocks(config, cfg, attention, ffn, i) for i in range(n)]
+    prefix = [0.0]
+    for i in range(n):
+        prefix.append(prefix[-1] + parent_layer_fwd_flops(cfg, i, seq))
+
+    def fits(a: int, b: int) -> bool:
+        return _memory(a, b, names_of(a, b)).memory_bytes <= budget
+
+    def names_of(a: int, b: int) -> list[str]:
+        out: list[str] = []
+        for i in range(a, b):
+            out += [x for x in names[i] if x not in out]
+        return out
+
+    def _memory(a: int, b: int, blocks: list[str]) -> StagePlan:
+        return _place(StagePlan(a, b, blocks), config, cfg, budget)
+
+    if config.bld.stage_layers is not None:
+        k = config.bld.stage_layers
+        cuts = [(a, min(a + k, n)) for a in range(0, n, k)]
+    else:
+        cuts = _balanced_cuts(n, config.compute.gpu_pods, lambda a, b: _stage_cost(cfg, names, a, b, seq, prefix))
+        # cut further where a stage does not fit one GPU
+        out: list[tuple[int, int]] = []
+        for a, b in cuts:
+            while a < b:
+                e = b
+                while e - a > 1 and not fits(a, e):
+                    e -= 1
+                out.append((a, e))
+                a = e
+        cuts = out
+    plans: list[StagePlan] = []
+    for a, b in cuts:
+        blocks = names_of(a, b)
+        p = _memory(a, b, blocks)
+        if p.memory_bytes <= budget or b - a > 1 or len(blocks) <= 1:
+            plans.append(p)
+            continue
+        # one layer whose blocks do not fit together: groups of variants, largest first
+        groups: list[list[str]] = [[]]
+        for name in sorted(blocks, key=lambda x: -block_params(x, cfg)):
+            if groups[-1] and _memory(a, b, [*groups[-1], name]).memory_bytes > budget:
+                groups.append([])
+            groups[-1].append(name)
+        for g, grp in enumerate(groups, 1):
+            q = _memory(a, b, grp)
+            q.group = g
+            plans.append(q)
+    for p in plans:
+        p.flops_per_token = _stage_cost(cfg, _only(names, p), p.start, p.end, seq, prefix)
+    return plans
+
+
+def _only(names: list[list[str]], p: StagePlan) -> list[list[str]]:
+    return [[x for x in names[i] if x in p.blocks] if p.start <= i < p.end else [] for i in range(len(names))]
+
+
+def _place(p: StagePlan, config: PuzzleConfig, cfg: ModelConfig, budget: float) -> StagePlan:
+    """Memory of a stage and which parent layers stay resident (as many as fit; the rest stream)."""
+    dtype = config.parent.dtype
+    layers = p.end - p.start
+    p.train_state_bytes = _train_state(cfg, p.blocks, layers)
+    p.activation_bytes = activation_bytes(cfg, p.blocks, config.bld.batch_size, config.data.seq_len, dtype)
+    fixed = p.train_state_bytes + p.activation_bytes + OVERHEAD_BYTES + non_block_bytes(cfg, dtype)
+    sizes = [parent_layer_bytes(cfg, i, dtype) for i in range(p.end)]
+    room = budget - fixed
+    if sum(sizes) <= room:
+        p.resident_layers = list(range(p.end))
+    else:
+        # the two largest streamed layers are on the device at once (the current one and the next)
+        room -= 2 * max(sizes)
+        resident: list[int] = []
+        for i in reversed(range(p.end)):  # the stage's own layers first: every batch needs them too
+            if sizes[i] <= room:
+                resident.append(i)
+                room -= sizes[i]
+        p.resident_layers = sorted(resident)
+    streamed = [i for i in range(p.end) if i not in p.resident_layers]
+    p.streamed_layers = len(streamed)
+    p.streamed_bytes_per_batch = sum(sizes[i] for i in streamed)
+    p.parent_bytes = non_block_bytes(cfg, dtype) + sum(sizes[i] for i in p.resident_layers) + (
+        2 * max(sizes[i] for i in streamed) if streamed else 0)
+    return p
+
+
+def _balanced_cuts(n: int, parts: int, cost) -> list[tuple[int, int]]:
+    """Contiguous cuts of ``range(n)`` into at most ``parts`` pieces minimising the largest ``cost(a, b)``."""
+    parts = max(1, min(parts, n))
+    inf = math.inf
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]  # best[k][b]: max cost of cutting [0, b) into k pieces
+    arg = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for b in range(1, n + 1):
+            for a in range(k - 1, b):
+                v = max(best[k - 1][a], cost(a, b))
+                if v < best[k][b]:
+                    best[k][b], arg[k][b] = v, a
+    k = min(range(1, parts + 1), key=lambda k: (best[k][n], k))
+    cuts = []
+    b = n
+    while k > 0:
+        a = arg[k][b]
+        cuts.append((a, b))
+        b, k = a, k - 1
+    return sorted(cuts)
+
+
+# ----- the cost plan --------------------------------------------------------------------------------------
+@dataclass
+class StepCost:
+    step: str
+    units: int
+    gpu: bool
+    memory_gib_per_unit: float
+    gpu_hours: float  # summed over units (0 for CPU steps)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _seconds(flops: float, config: PuzzleConfig) -> float:
+    return flops / (config.compute.peak_tflops * 1e12 * config.compute.mfu)
+
+
+def bld_step_seconds(p: StagePlan, config: PuzzleConfig) -> float:
+    """Estimated seconds of one training step of a stage: its FLOPs at compute.mfu, or the bytes of its
+    streamed layers over compute.host_to_device_gbps when copying them is slower (the copy overlaps)."""
+    tokens = config.bld.batch_size * config.data.seq_len
+    compute = _seconds(p.flops_per_token * tokens, config)
+    stream = p.streamed_bytes_per_batch / (config.compute.host_to_device_gbps * 1e9)
+    return max(compute, stream)
+
+
+def bld_seconds(p: StagePlan, config: PuzzleConfig) -> float:
+    """Estimated seconds of one stage unit: every training step, plus the held-out and calibration passes."""
+    steps = math.ceil(config.bld.tokens / (config.bld.batch_size * config.data.seq_len))
+    # held-out (before and after) and calibration: forward passes only, a third of a training step's FLOPs
+    extra = _seconds(p.flops_per_token / 3 * (2 * config.bld.eval_tokens + config.bld.calibration_tokens), config)
+    return steps * bld_step_seconds(p, config) + extra
+
+
+def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], ffn: Sequence[str],
+              stages: Sequence[StagePlan] | None = None) -> dict[str, Any]:
+    """Per step: units, peak memory per unit and estimated GPU hours (see the module docstring)."""
+    from puzzle.model.counts import model_counts
+
+    stages = list(stages) if stages is not None else plan_stages(config, cfg, attention, ffn)
+    seq = config.data.seq_len
+    dtype = config.parent.dtype
+    parent = model_counts(cfg)
+    parent_bytes = parent.weight_bytes(dtype)
+    n = cfg.num_hidden_layers
+    fwd_per_token = sum(parent_layer_fwd_flops(cfg, i, seq) for i in range(n)) + 2.0 * non_block_counts(cfg).head_params
+    rows: list[StepCost] = [StepCost("prepare", 1, False, 0.0, 0.0, "CPU: tokenize and plan")]
+
+    bld_hours = sum(bld_seconds(p, config) for p in stages) / 3600
+    rows.append(StepCost("bld", len(stages), True, max((p.memory_bytes for p in stages), default=0) / GiB,
+                         bld_hours, f"{sum(p.streamed_layers > 0 for p in stages)} of {len(stages)} units stream "
+                         "parent layers"))
+
+    from puzzle.profiling.roofline import estimate_costs
+
+    prof_s, prof_units = 0.0, 0
+    reps = config.profile.warmup + config.profile.repeats
+    for sc in config.profile.scenarios:
+        for kind, names in (("attention", attention), ("ffn", ffn)):
+            for name in names:
+                v = parse_name(name, cfg.hidden_size)[0]
+                est = estimate_costs(kind, v, cfg, sc.batch_size, sc.input_len, sc.output_len, sc.dtype,
+                                     sc.device, config.profile.estimate_peak_tflops,
+                                     config.profile.estimate_bandwidth_gbps)
+                # prefill and decode_points steps, each repeated, on a stack of replicas as deep as the model
+                prof_s += reps * n * (est["prefill_s"] + config.profile.decode_points * est["decode_s"] / sc.output_len)
+                prof_units += 1
+        prof_units += 1  # non_block
+    rows.append(StepCost("profile", prof_units, True, 0.0, prof_s / 3600 + prof_units * 20 / 3600,
+                         "roofline times x repetitions, plus ~20 s of start-up and graph capture per unit"))
+
+    n_candidates = len(attention) + len(ffn) if config.bld.mode == "decoupled" else len(attention) * len(ffn)
+    per = config.score.layers_per_unit
+    units = math.ceil(n / per)
+    # every candidate runs the suffix after its layer: on average half the model, plus the LM head
+    score_flops = config.score.tokens * n * n_candidates * (fwd_per_token / 2)
+    score_mem = parent_bytes + seq * config.score.batch_size * (n_candidates * per + 4) * cfg.hidden_size * 2 \
+        + seq * config.score.batch_size * cfg.vocab_size * 4 * 2 + OVERHEAD_BYTES
+    rows.append(StepCost("score", units, True, score_mem / GiB, _seconds(score_flops, config) / 3600))
+    rows.append(StepCost("solve", 1, False, 0.0, 0.0,
+                         f"CPU: at most {config.solve.time_limit_s:.0f} s per solve"))
+
+    # the parent, every solution, and two settings of each of the two baseline families
+    n_children = config.solve.num_solutions + 1 + (4 if config.eval.baselines else 0)
+    gkd = config.assemble.gkd
+    student = parent.params  # an upper bound: the child is never larger than the parent here
+    if gkd.enabled:
+        gkd_flops = gkd.tokens * (fwd_per_token + 3 * fwd_per_token)
+        gkd_mem = parent_bytes + student * 16 + gkd.batch_size * seq * (cfg.vocab_size * 4 * 3 +
+                                                                         cfg.hidden_size * 2 * 12 * n) + OVERHEAD_BYTES
+    else:
+        gkd_flops, gkd_mem = 0.0, 2 * parent_bytes + OVERHEAD_BYTES
+    rows.append(StepCost("assemble", n_children, True, gkd_mem / GiB,
+                         n_children * _seconds(gkd_flops, config) / 3600,
+                         "GKD on" if gkd.enabled else "no GKD: stitching only"))
+    ev_flops = config.eval.tokens * 2 * fwd_per_token
+    rows.append(StepCost("evaluate", n_children, True, (2 * parent_bytes + OVERHEAD_BYTES) / GiB,
+                         n_children * (_seconds(ev_flops, config) + 60) / 3600,
+                         "plus generation (tasks, ICL) and throughput measurement, ~1 min a child"))
+    rows.append(StepCost("report", 1, False, 0.0, 0.0, "CPU"))
+    over = [r.step for r in rows if r.gpu and r.memory_gib_per_unit > config.compute.gpu_memory_gib]
+    return {
+        "estimate": True,
+        "parent": {"layers": n, "params": parent.params, "bytes": parent_bytes, "dtype": dtype},
+        "compute": config.compute.model_dump(mode="json"),
+        "steps": [r.to_dict() for r in rows],
+        "gpu_hours": sum(r.gpu_hours for r in rows),
+        "bld_units": [{**p.unit(), "estimated_seconds": bld_seconds(p, config),
+                       "flops_per_token": p.flops_per_token, "streamed_layers": p.streamed_layers}
+                      for p in stages],
+        "over_memory": over,
+        "note": "" if not over else (f"{', '.join(over)}: a unit needs more than compute.gpu_memory_gib; such "
+                                     "steps need several GPUs per pod (gpu-count) or a smaller batch"),
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The table ``puzzle run --dry-run`` prints."""
+    p = plan["parent"]
+    c = plan["compute"]
+    head = (f"plan (estimates): parent {p['layers']} layers, {p['params'] / 1e9:.3g}B parameters in {p['dtype']}; "
+            f"{c['gpu_pods']} GPU pod(s) of {c['gpu_memory_gib']:g} GiB at {c['peak_tflops']:g} TFLOP/s x "
+            f"{c['mfu']:g} MFU")
+    lines = [head, f"  {'step':<9} {'units':>5} {'GiB/unit':>9} {'GPU hours':>10}  note"]
+    for r in plan["steps"]:
+        mem = f"{r['memory_gib_per_unit']:.2f}" if r["gpu"] else "-"
+        hours = f"{r['gpu_hours']:.4g}" if r["gpu"] else "-"
+        lines.append(f"  {r['step']:<9} {r['units']:>5} {mem:>9} {hours:>10}  {r['note']}")
+    lines.append(f"  total GPU hours: {plan['gpu_hours']:.4g}")
+    if plan["note"]:
+        lines.append(f"  warning: {plan['note']}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "StagePlan",
+    "StepCost",
+    "bld_seconds",
+    "block_params",
+    "cost_plan",
+    "format_plan",
+    "plan_stages",
+    "trained_blocks",
+]
+
+
+# ----- checks before a run is created -----------------------------------------------------------------
+@dataclass
+class Preflight:
+    """What the checks before any work found: the parent's shape, the expanded search space, the plan."""
+
+    parent: ModelConfig
+    attention: list[str]
+    ffn: list[str]
+    stages: list[StagePlan]
+    cost: dict[str, Any]
+
+
+def read_parent_config(config: PuzzleConfig) -> ModelConfig | None:
+    """The parent's config.json from ``parent.uri`` alone (a local folder, or one object of an s3:// one);
+    None for a hub name (hf://), which only a step can resolve."""
+    import tempfile
+    from pathlib import Path
+
+    from puzzle.errors import ConfigError
+    from puzzle.model import ModelLoadError, parent_config
+
+    uri = config.parent.uri
+    if uri.startswith("hf://"):
+        return None
+    try:
+        if uri.startswith("s3://"):
+            from puzzle.store import ArtifactNotFoundError, open_store
+
+            with tempfile.TemporaryDirectory(prefix="puzzle-parent-") as tmp:
+                try:
+                    open_store(uri, config.store).get_file("config.json", Path(tmp) / "config.json")
+                except ArtifactNotFoundError:
+                    raise ConfigError(f"parent.uri: {uri!r} holds no config.json (expected a Hugging Face "
+                                      "model folder uploaded with `aws s3 sync`)") from None
+                return parent_config(tmp)
+        return parent_config(Path(uri.removeprefix("file://")))
+    except ModelLoadError as err:
+        raise ConfigError(f"parent.uri: {err}") from None
+
+
+def check_against_parent(config: PuzzleConfig, parent: ModelConfig) -> tuple[list[str], list[str]]:
+    """Bad input that only the parent's shape reveals, refused before any work (ConfigError, exit 2):
+    an impossible or empty search space, a sequence longer than the parent's positions."""
+    from puzzle.errors import ConfigError
+    from puzzle.model import expand_search_space
+
+    if config.data.seq_len > parent.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len: {config.data.seq_len} is not allowed for this parent; allowed: at most its "
+            f"max_position_embeddings = {parent.max_position_embeddings}")
+    for sc in config.profile.scenarios:
+        if sc.input_len + sc.output_len > parent.max_position_embeddings:
+            raise ConfigError(
+                f"profile.scenarios[{sc.name}]: input_len + output_len = {sc.input_len + sc.output_len} is not "
+                f"allowed for this parent; allowed: at most max_position_embeddings = "
+                f"{parent.max_position_embeddings}")
+    attn, ffn = expand_search_space(config.search_space, parent)
+    attention, ffns = [v.name for v in attn], [v.name for v in ffn]
+    if not any(trained_blocks(config, parent, attention, ffns, i) for i in range(parent.num_hidden_layers)):
+        raise ConfigError(
+            "search_space: offers nothing but the parent's own blocks (attention "
+            f"{attention}, FFN {ffns}); allowed: at least one other variant (n_heads_in_group values other "
+            "than the parent's, ffn_mult values, replace_with_linear or no_op)")
+    return attention, ffns
+
+
+def preflight(config: PuzzleConfig, parent: ModelConfig | None = None) -> Preflight | None:
+    """Every check that needs only the config and the parent's config.json, and the cost plan; None when
+    the parent is a hub name (checked by prepare, where the hub is reachable)."""
+    from puzzle.errors import ConfigError
+
+    parent = parent or read_parent_config(config)
+    if parent is None:
+        return None
+    attention, ffn = check_against_parent(config, parent)
+    stages = plan_stages(config, parent, attention, ffn)
+    budget = config.compute.gpu_memory_gib * GiB
+    over = [p for p in stages if p.memory_bytes > budget]
+    if over:
+        p = max(over, key=lambda q: q.memory_bytes)
+        raise ConfigError(
+            f"compute.gpu_memory_gib: {config.compute.gpu_memory_gib:g} is too small for bld unit {p.id} "
+            f"({', '.join(p.blocks[:4])}{' ...' if len(p.blocks) > 4 else ''}), which needs "
+            f"{p.memory_bytes / GiB:.1f} GiB even alone at bld.batch_size={config.bld.batch_size}, "
+            f"data.seq_len={config.data.seq_len}; allowed: a larger GPU, or a smaller bld.batch_size")
+    return Preflight(parent, attention, ffn, stages, cost_plan(config, parent, attention, ffn, stages))
