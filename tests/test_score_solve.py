@@ -145,7 +145,8 @@ def test_task_accuracy_drop_matches_an_independently_built_child(tmp_path):
     """score.task_examples: the drop equals parent accuracy minus that of a child built by hand."""
     from pathlib import Path
 
-    from puzzle.evaluation import DeciTextGenerator, task_accuracy
+    from puzzle.evaluation import task_accuracy
+    from puzzle.generation import DeciTextGenerator
     from puzzle.model import AttentionVariant
 
     repo = Path(__file__).resolve().parents[1]

@@ -201,17 +201,61 @@ class AssembleConfig(_Strict):
 
 
 class ICLEvalConfig(_Strict):
-    enabled: bool = False
+    """In-context compositional generalization with diverse demonstrations (Levy, Bogin & Berant, ACL 2023)."""
+
+    enabled: bool = Field(False, description="Run the ICL benchmark in evaluate.")
+    selection: Literal["paper", "fragments"] = Field(
+        "paper",
+        description="paper: the authors' definitions (ancestor/sibling local structures, BM25 over program atoms, "
+        "k cut to the prompt budget); fragments: this project's earlier variant (branching fragments, utterance BM25).",
+    )
     methods: list[Literal["random", "topk", "cover_utt", "cover_ls"]] = Field(
-        default_factory=lambda: ["random", "topk", "cover_ls"]
+        default_factory=lambda: ["random", "topk", "cover_ls"], description="Demonstration selection methods to compare."
     )
     datasets: list[str] = Field(default_factory=lambda: ["scan:template"], description="dataset:split pairs.")
-    num_demonstrations: int = Field(8, ge=1)
-    num_test: int = Field(50, ge=1)
-    max_structure_size: int = Field(4, ge=1)
-    structures: Literal["predicted", "oracle"] = "predicted"
-    num_beams: int = Field(3, ge=1)
-    seed: int = 0
+    num_demonstrations: int | None = Field(
+        None, ge=1, description="k; default 24 (paper: least similar dropped until the prompt fits) or 8 (fragments)."
+    )
+    num_test: int = Field(50, ge=1, description="Test queries drawn (seeded) per dataset:split.")
+    max_structure_size: int | None = Field(
+        None, ge=1, description="Local-structure size limit n; default 30 (paper: ancestors + left siblings + node) "
+        "or 4 (fragments: nodes of a fragment).",
+    )
+    structure_predictor: Literal["parent", "model", "oracle"] = Field(
+        "parent",
+        description="Who predicts the test programs whose structures Cover-LS covers: the parent (the same for every "
+        "child), the model at predictor_uri, or the gold programs (oracle, for analysis).",
+    )
+    predictor_uri: str | None = Field(
+        None, description="structure_predictor 'model': a Hugging Face model directory (Llama or nemotron-nas), local or s3://."
+    )
+    max_context_tokens: int | None = Field(
+        None, ge=16, description="Tokens a prompt and its answer may take together; default (and at most) the "
+        "model's max_position_embeddings. Set it to the length the parent was trained on if that is shorter.",
+    )
+    num_beams: int = Field(3, ge=1, description="Beams of the predictor whose programs give the structures (the authors use 1, 3 or 5).")
+    seed: int = Field(0, description="Seed of the test sample and every random choice of the selection.")
+
+    @model_validator(mode="after")
+    def _predictor(self) -> ICLEvalConfig:
+        if self.structure_predictor == "model" and not self.predictor_uri:
+            raise ValueError("predictor_uri: required when structure_predictor is 'model' (a model directory)")
+        if self.structure_predictor != "model" and self.predictor_uri:
+            raise ValueError(
+                f"predictor_uri: {self.predictor_uri!r} is not allowed with structure_predictor "
+                f"{self.structure_predictor!r}; set structure_predictor: model"
+            )
+        return self
+
+    @property
+    def k(self) -> int:
+        """Demonstrations the selection picks (before the prompt-budget cut)."""
+        return self.num_demonstrations or (24 if self.selection == "paper" else 8)
+
+    @property
+    def structure_size(self) -> int:
+        """The local-structure size limit n of the selection mode."""
+        return self.max_structure_size or (30 if self.selection == "paper" else 4)
 
 
 class EvalConfig(_Strict):

@@ -198,7 +198,8 @@ def run(ctx: StepContext) -> None:
 
 def _task_accuracy_drops(ctx: StepContext, parent_dir, cands: list[Candidate], dtype, device) -> dict:
     """Parent task exact match minus the swapped model's, per (layer, kind, variant) (score.task_examples)."""
-    from puzzle.evaluation import DeciTextGenerator, task_accuracy
+    from puzzle.evaluation import task_accuracy
+    from puzzle.generation import DeciTextGenerator
 
     parent = load_parent(parent_dir, dtype=dtype, device=device).eval()
     n, seed = ctx.config.score.task_examples, ctx.config.seed
