@@ -1,4 +1,4 @@
-"""``puzzle config validate FILE`` and ``puzzle config schema``."""
+"""``puzzle config validate FILE [--parent]`` and ``puzzle config schema``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ def register(sub) -> None:
     v = cs.add_parser("validate", help="check a run config; print the effective config")
     v.add_argument("file")
     v.add_argument("--quiet", action="store_true", help="print nothing when valid")
+    v.add_argument("--parent", action="store_true",
+                   help="also check the search space against the parent's config.json (a local parent.uri): "
+                   "n_heads_in_group, and the rules of the search_space.serving engines (head size, FFN grid)")
     v.set_defaults(func=_validate)
     s = cs.add_parser("schema", help="print the run config's JSON schema")
     s.set_defaults(func=_schema)
@@ -20,10 +23,26 @@ def register(sub) -> None:
 
 def _validate(args) -> int:
     cfg = load_config(args.file)
+    if args.parent:
+        _check_parent(cfg)
     if not args.quiet:
         print(f"{args.file}: valid")
         print(cfg.to_yaml(), end="")
     return 0
+
+
+def _check_parent(cfg) -> None:
+    """What prepare checks first: the search space expanded against the parent's shape (no weights read)."""
+    from pathlib import Path
+
+    from puzzle.errors import UserError
+    from puzzle.model import expand_search_space
+    from puzzle.steps.prepare import read_parent_config
+
+    uri = cfg.parent.uri
+    if "://" in uri and not uri.startswith("file://"):
+        raise UserError(f"--parent: parent.uri {uri!r} is not a local directory; prepare checks it when the run starts")
+    expand_search_space(cfg.search_space, read_parent_config(Path(uri.removeprefix("file://"))))
 
 
 def _schema(args) -> int:

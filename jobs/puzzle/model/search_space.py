@@ -24,8 +24,9 @@ def expand_search_space(
     a search space that breaks a rule of an engine in ``space.serving`` for this parent (head size, FFN
     sizes: :func:`puzzle.serving.parent_violations`). Variants an engine cannot build are left out
     (replace_with_linear where it has none), and where an engine sizes FFNs from ffn_mult on its grid
-    the ffn_mult variants get exactly that size, as exact-size variants (``ffn_i{size}``). FFN variants whose intermediate size equals the
-    parent's are dropped in favour of the parent's own ``ffn_i{size}`` (same module, one name).
+    the ffn_mult variants get exactly that size, as exact-size variants (``ffn_i{size}``). FFN variants
+    whose intermediate size equals the parent's are dropped in favour of the parent's own
+    ``ffn_i{size}`` (same module, one name).
     """
     nh = parent_cfg.num_attention_heads
     allowed = head_divisors(nh)
