@@ -13,6 +13,7 @@ puzzle's own loaders read config.json directly and never import it.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -80,7 +81,10 @@ class DeciLMConfig(PretrainedConfig):
         self.hidden_act = hidden_act
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
-        if rope_scaling is not None:  # transformers 5 warns on a rope_scaling attribute; 4.x readers want it
+        with warnings.catch_warnings():
+            # transformers 5 maps rope_scaling onto rope_parameters with a FutureWarning; readers written
+            # for 4.x (TensorRT-LLM's DeciConfig.from_hugging_face) read the attribute, so it stays.
+            warnings.simplefilter("ignore", FutureWarning)
             self.rope_scaling = rope_scaling
         self.max_position_embeddings = max_position_embeddings
         self.attention_bias = attention_bias
