@@ -158,14 +158,19 @@ def search_space_violations(serving: Sequence[str], attention_linear: bool, ffn_
     return out
 
 
-def grid_table(hidden_size: int, up_to: int) -> str:
-    """Which ffn_mult values give which grid size at ``hidden_size`` (for error messages)."""
-    parts = []
-    k = 1
-    while k * FFN_GRID <= max(up_to, FFN_GRID):
-        size = k * FFN_GRID
-        parts.append(f"{size} up to ffn_mult {grid_mult(size, hidden_size):g}")
-        k += 1
+def grid_table(hidden_size: int, around: Iterable[int], most: int = 6) -> str:
+    """Which ffn_mult values give which grid size at ``hidden_size``, for error messages: every size up
+    to the largest of ``around`` when there are at most ``most``, else the sizes next to ``around``."""
+    around = [a for a in around if a > 0] or [FFN_GRID]
+    top = -(-max(around) // FFN_GRID) * FFN_GRID
+    if top // FFN_GRID <= most:
+        sizes = list(range(FFN_GRID, top + 1, FFN_GRID))
+    else:
+        near = {-(-a // FFN_GRID) * FFN_GRID + d for a in around for d in (-FFN_GRID, 0, FFN_GRID)}
+        sizes = sorted(x for x in near if x > 0)
+    parts = [f"{size} up to ffn_mult {grid_mult(size, hidden_size):g}" for size in sizes]
+    if top // FFN_GRID > most:
+        parts.append(f"every multiple of {FFN_GRID}: size S for ffn_mult up to 3*S/(2*{hidden_size})")
     return ", ".join(parts)
 
 
@@ -192,8 +197,8 @@ def parent_violations(
     grid = [r for r in rules if r.ffn_grid]
     if grid:
         names = _titles(grid)
-        top = max([*parent_ffn_sizes, *(ffn_grid_size(m, hidden_size) for m in ffn_mults), FFN_GRID])
-        table = f"at hidden_size {hidden_size}: {grid_table(hidden_size, top)}"
+        sizes = [*parent_ffn_sizes, *(ffn_grid_size(m, hidden_size) for m in ffn_mults)]
+        table = f"at hidden_size {hidden_size}: {grid_table(hidden_size, sizes)}"
         seen: dict[int, float] = {}
         for m in ffn_mults:
             size = ffn_grid_size(m, hidden_size)
@@ -250,7 +255,7 @@ def block_violations(serving: Sequence[str], block_configs: Sequence[dict[str, A
                         f"block_configs[{i}].ffn.intermediate_size", size, r.name,
                         f"{r.title} sizes FFNs as round_up(int(2*ffn_mult*hidden/3), 256) and ignores "
                         f"intermediate_size, so ffn_mult {f['ffn_mult']:g} loads as {built}",
-                        f"sizes on that grid ({grid_table(hidden_size, max(size, built))})"))
+                        f"sizes on that grid ({grid_table(hidden_size, (size, built))})"))
         if r.attention_first:
             for i, b in enumerate(block_configs):
                 if _kind(b["attention"]) != "noop":
