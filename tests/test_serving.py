@@ -200,6 +200,8 @@ def test_validate_and_prepare_exit_2_naming_the_rule(tmp_path, capsys):
     assert main(["config", "validate", "--parent", str(grid)]) == 2
     err = capsys.readouterr().err
     assert "search_space.ffn.ffn_mult: value 3 breaks vllm's rule" in err and "allowed: one value per size" in err
+    assert main(["run", str(grid), "--dry-run"]) == 2
+    assert "search_space.ffn.ffn_mult: value 3 breaks vllm's rule" in capsys.readouterr().err
     assert main(["run", str(grid), "--steps", "prepare"]) == 2
     err = capsys.readouterr().err
     assert "search_space.ffn.ffn_mult: value 3 breaks vllm's rule" in err

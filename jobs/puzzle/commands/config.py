@@ -32,17 +32,14 @@ def _validate(args) -> int:
 
 
 def _check_parent(cfg) -> None:
-    """What prepare checks first: the search space expanded against the parent's shape (no weights read)."""
-    from pathlib import Path
-
+    """What ``puzzle run`` checks before a run exists: the config against the parent's config.json."""
     from puzzle.errors import UserError
-    from puzzle.model import expand_search_space
-    from puzzle.steps.prepare import read_parent_config
+    from puzzle.planning import check_against_parent, read_parent_config
 
-    uri = cfg.parent.uri
-    if "://" in uri and not uri.startswith("file://"):
-        raise UserError(f"--parent: parent.uri {uri!r} is not a local directory; prepare checks it when the run starts")
-    expand_search_space(cfg.search_space, read_parent_config(Path(uri.removeprefix("file://"))))
+    parent = read_parent_config(cfg)
+    if parent is None:
+        raise UserError(f"--parent: parent.uri {cfg.parent.uri!r} is a hub name; prepare checks it when the run starts")
+    check_against_parent(cfg, parent)
 
 
 def _schema(args) -> int:
