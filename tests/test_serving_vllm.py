@@ -86,7 +86,7 @@ search_space:
   attention: {{n_heads_in_group: [2, 4], replace_with_linear: false, no_op: true}}
   ffn: {{ffn_mult: [1.0, 2.0], replace_with_linear: false, no_op: true}}
   serving: [vllm]
-bld: {{layers_per_unit: 3, tokens: 1024, batch_size: 8, eval_tokens: 256, calibration_tokens: 256}}
+bld: {{stage_layers: 3, tokens: 1024, batch_size: 8, eval_tokens: 256, calibration_tokens: 256}}
 profile: {{scenarios: [{{name: cpu, batch_size: 2, input_len: 8, output_len: 8}}], warmup: 0, repeats: 1}}
 score: {{tokens: 256, layers_per_unit: 3}}
 solve: {{max_params: 1600000, pareto_points: 0}}
