@@ -19,7 +19,7 @@ PKG = Path(__file__).resolve().parents[1] / "jobs" / "puzzle"
 
 #: Floors, ground first. A module may import its own floor and the floors below it, never one above.
 FLOORS = [
-    ("errors", "layout", "config"),
+    ("errors", "layout", "serving", "config"),
     ("store", "model", "data", "generation", "training", "metrics", "export"),
     ("run", "library", "planning", "profiling", "icl", "distill", "evaluation", "distributed",
      "report", "solver", "tiny_parent"),

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from puzzle.errors import ConfigError
+from puzzle.serving import messages as violation_messages
+from puzzle.serving import parse_serving, search_space_violations
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -84,20 +86,25 @@ class SearchSpaceConfig(_Strict):
     attention: AttentionSpace = Field(default_factory=AttentionSpace)
     ffn: FFNSpace = Field(default_factory=FFNSpace)
     include_parent: bool = Field(True, description="Keep the parent's own attention/FFN as a candidate per layer.")
-    serving: Literal["any", "vllm"] = Field(
-        "any",
-        description="'vllm': only variants vLLM's nemotron_nas loader can serve (no replace_with_linear).",
+    serving: list[Literal["any", "vllm", "sglang", "trtllm", "llamacpp"]] = Field(
+        default_factory=lambda: ["any"],
+        description="Engines the child must load in (the union of their rules is enforced; see puzzle.serving): "
+        "vllm and sglang (no replace_with_linear, FFN sizes on round_up(int(2*ffn_mult*hidden/3), 256), "
+        "their head sizes), trtllm (linear blocks allowed, the same FFN grid), llamacpp (no linear FFN), "
+        "or [any]. One name alone is read as a list of one.",
     )
+
+    @field_validator("serving", mode="before")
+    @classmethod
+    def _serving_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _serving(self) -> SearchSpaceConfig:
-        if self.serving == "vllm":
-            bad = [n for n, s in (("attention", self.attention), ("ffn", self.ffn)) if s.replace_with_linear]
-            if bad:
-                raise ValueError(
-                    f"serving: 'vllm' cannot load replace_with_linear blocks, but "
-                    f"{', '.join(f'{b}.replace_with_linear' for b in bad)} is true; set it to false or use serving: any"
-                )
+        self.__dict__["serving"] = parse_serving(self.serving)  # dedupe; 'any' must stand alone
+        bad = search_space_violations(self.serving, self.attention.replace_with_linear, self.ffn.replace_with_linear)
+        if bad:
+            raise ValueError(violation_messages(bad))
         return self
 
 

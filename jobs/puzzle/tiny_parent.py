@@ -40,14 +40,16 @@ class TinyParentConfig:
 
     seed: int = 0
     """Seeds the corpus stream, the BPE's training text, the initial weights and batch order."""
-    hidden_size: int = 192
-    """Model width; head_dim = hidden_size / num_attention_heads."""
+    hidden_size: int = 256
+    """Model width; head_dim = hidden_size / num_attention_heads = 32, a head size every serving engine
+    runs (vLLM's CPU attention has none below 32; see puzzle.serving)."""
     num_hidden_layers: int = 6
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
     """GQA: 4 KV heads for 8 query heads, so n_heads_in_group = 2 in the parent."""
-    intermediate_size: int = 512
-    """SwiGLU width (ffn_mult 4.0 at hidden 192: 2 * 4.0 * 192 / 3 = 512)."""
+    intermediate_size: int = 768
+    """SwiGLU width: vLLM's size for ffn_mult 4.0 at hidden 256 (round_up(int(2 * 4.0 * 256 / 3), 256) = 768),
+    so the parent's own FFN is on the grid vLLM, SGLang and TensorRT-LLM size FFNs by."""
     vocab_size: int = 1024
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = False

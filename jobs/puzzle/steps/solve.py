@@ -27,6 +27,7 @@ from puzzle.context import StepContext
 from puzzle.errors import ConfigError
 from puzzle.model import BlockConfig, variant_from_name
 from puzzle.profiling.throughput import ScenarioProfile, load_scenario_profile, predict
+from puzzle.serving import slot_allowed
 from puzzle.solver import (
     DECODE,
     MEMORY,
@@ -67,6 +68,7 @@ def build_problem(ctx: StepContext, profiles: dict[str, ScenarioProfile]) -> Sea
     variants = ctx.store.get_json(layout.VARIANTS_PLAN)
     parent_blocks = variants["parent"]
     field = METRIC_FIELD[ctx.config.score.metric]
+    serving = ctx.config.search_space.serving  # the engines' one per-layer rule (puzzle.serving.slot_allowed)
 
     def score(layer: int, name: str) -> float:
         key = layout.score_key(layer, name)
@@ -85,6 +87,8 @@ def build_problem(ctx: StepContext, profiles: dict[str, ScenarioProfile]) -> Sea
             for a in variants["attention"]:
                 for f in variants["ffn"]:
                     name = f"{a}+{f}"
+                    if not slot_allowed(serving, layer, "block", name):
+                        continue
                     res = _add(_resources(profiles, "attention", a), _resources(profiles, "ffn", f))
                     cands.append(Candidate(name, score(layer, name), res))
             slots[(layer, "block")] = cands
@@ -92,7 +96,7 @@ def build_problem(ctx: StepContext, profiles: dict[str, ScenarioProfile]) -> Sea
         else:
             for slot in ("attention", "ffn"):
                 slots[(layer, slot)] = [Candidate(v, score(layer, v), _resources(profiles, slot, v))
-                                        for v in variants[slot]]
+                                        for v in variants[slot] if slot_allowed(serving, layer, slot, v)]
                 parent[(layer, slot)] = pb[slot]
     non_block = _resources(profiles, "non_block", "non_block")
     return SearchProblem(slots=slots, non_block=non_block, parent=parent)
