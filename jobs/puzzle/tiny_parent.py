@@ -70,6 +70,9 @@ class TinyParentConfig:
     """torch intra-op threads; results are bit-identical only for the same count."""
     device: str = "cpu"
     """'cpu' (the reference) or 'cuda'; CUDA runs are repeatable on one GPU model, not equal to CPU."""
+    save_dtype: str = "bfloat16"
+    """Dtype of the saved weights: bfloat16 keeps the committed parent near 10 MB; steps load it in
+    ``parent.dtype`` (float32 for the tiny example: exact, since every bfloat16 is a float32)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -88,6 +91,7 @@ class TinyParentConfig:
             "warmup_steps": self.warmup_steps >= 0,
             "threads": self.threads >= 1,
             "device": self.device == "cpu" or self.device.startswith("cuda"),
+            "save_dtype": self.save_dtype in ("float32", "bfloat16", "float16"),
         }
         rules = {
             "num_attention_heads": "must be >= 1 and divide hidden_size",
@@ -95,6 +99,7 @@ class TinyParentConfig:
             "seq_len": "must be in [8, max_position_embeddings]",
             "min_lr_ratio": "must be in [0, 1]",
             "device": "allowed: cpu, cuda, cuda:N",
+            "save_dtype": "allowed: float32, bfloat16, float16",
         }
         for name, ok in checks.items():
             if not ok:
@@ -204,7 +209,7 @@ def train_tiny_parent(
         do_sample=False,
         max_new_tokens=64,
     )
-    model.to("cpu").save_pretrained(out)  # transformers >= 5 writes safetensors only
+    model.to("cpu", dtype=getattr(torch, cfg.save_dtype)).save_pretrained(out)  # transformers >= 5: safetensors
     save_tokenizer(tok, out, cfg.max_position_embeddings)
     pickles = [p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     if pickles:
