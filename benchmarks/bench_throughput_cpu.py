@@ -6,7 +6,15 @@ then each model's tokens/s is predicted with ``predict`` and measured with ``mea
 the error is printed. Children get random weights of their variants' shapes (time does not depend on
 the values). Run single-threaded, as the pods of a 2-core node would:
 
-    python benchmarks/bench_throughput_cpu.py [--parent examples/tiny/parent] [--threads 1] [--json out.json]
+    python benchmarks/bench_throughput_cpu.py [--parent examples/tiny/parent] [--threads 1] [--rounds 3]
+        [--pin 1] [--json out.json]
+
+On a shared machine the wall clock measures the neighbours as much as the model. So each round
+profiles with the profile step's own clock (``profile.cpu_clock``: with one thread, the thread's CPU
+time) and measures every model twice, back to back: with that same clock (the like-for-like error,
+what the throughput model gets wrong) and with the wall clock (what a user waits for, load included).
+Rounds repeat the whole comparison; the summary gives each model's median, min and max error over the
+rounds, and every round records the load average, so a figure taken on a busy machine says so.
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import platform
+import os
+import statistics
 import time
 
 import torch
@@ -23,8 +32,9 @@ from puzzle.model import AttentionVariant as A
 from puzzle.model import BlockConfig, DeciLMForCausalLM, load_parent
 from puzzle.model import FFNVariant as F
 from puzzle.profiling.bench import measure_throughput
-from puzzle.profiling.profiler import profile_unit
+from puzzle.profiling.profiler import cpu_model, profile_unit
 from puzzle.profiling.throughput import ScenarioProfile, predict
+from puzzle.profiling.timing import cpu_clock
 
 
 def children(parent: list[BlockConfig], hidden: int) -> dict[str, list[BlockConfig]]:
@@ -39,40 +49,80 @@ def children(parent: list[BlockConfig], hidden: int) -> dict[str, list[BlockConf
     }
 
 
+def load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parent", default="examples/tiny/parent")
     ap.add_argument("--config", default="examples/tiny/puzzle.yaml")
     ap.add_argument("--scenario", default="cpu-b8")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="timed generations per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="whole comparisons (profile + measure), one after another")
+    ap.add_argument("--pin", type=int, default=None, metavar="CPU", help="pin the process to this CPU")
+    ap.add_argument("--no-wall", action="store_true", help="skip the wall-clock measurements (halves the time)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.pin is not None:
+        os.sched_setaffinity(0, {args.pin})
     cfg = load_config(args.config)
     sc = next(s for s in cfg.profile.scenarios if s.name == args.scenario)
+    settings = cfg.profile
+    clock = cpu_clock(settings.cpu_clock)
     parent = load_parent(args.parent)
     pcfg = parent.config
     models = {"parent": pcfg.block_configs, **children(pcfg.block_configs, pcfg.hidden_size)}
+    built = {name: parent if name == "parent" else DeciLMForCausalLM(pcfg.with_blocks(blocks)).eval()
+             for name, blocks in models.items()}
     used = {("attention", b.attention.name) for bs in models.values() for b in bs} | {
         ("ffn", b.ffn.name) for bs in models.values() for b in bs} | {("non_block", "non_block")}
-    t0 = time.time()
-    recs = [profile_unit(pcfg, k, n, sc, cfg.profile) for k, n in sorted(used)]
-    prof = ScenarioProfile(recs)
-    out = {"date": _dt.datetime.now(_dt.UTC).isoformat(), "machine": platform.processor() or platform.machine(),
-           "threads": args.threads, "torch": torch.__version__, "scenario": sc.model_dump(), "profile_s": time.time() - t0,
-           "models": {}}
-    print(f"profiled {len(recs)} variants in {out['profile_s']:.1f} s ({sc.name}, {args.threads} thread(s))")
-    for name, blocks in models.items():
-        m = parent if name == "parent" else DeciLMForCausalLM(pcfg.with_blocks(blocks)).eval()
-        pred = predict(prof, blocks)
-        meas = measure_throughput(m, sc, warmup=1, repeats=args.repeats)
-        err = pred.tokens_per_s / meas.tokens_per_s - 1
-        out["models"][name] = {"blocks": [b.name for b in blocks], "predicted": pred.to_dict(),
-                               "measured": meas.to_dict(), "error": err}
-        print(f"{name:16s} predicted {pred.tokens_per_s:9.1f} tok/s  measured {meas.tokens_per_s:9.1f} tok/s  "
-              f"error {err * 100:+6.1f}%  (prefill {pred.prefill_s * 1e3:.2f}/{meas.prefill_s * 1e3:.2f} ms, decode "
-              f"{pred.decode_s * 1e3:.1f}/{meas.decode_s * 1e3:.1f} ms, spread {meas.total_spread['rel_spread'] * 100:.1f}%)")
+    out = {"date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "machine": cpu_model(),
+           "cpus": os.cpu_count(), "threads": args.threads, "pin": args.pin, "clock": clock, "torch": torch.__version__,
+           "scenario": sc.model_dump(), "settings": settings.model_dump(exclude={"scenarios"}), "rounds": []}
+    print(f"{out['machine']}, {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s), "
+          f"profile clock {clock}, {sc.name}, load {load():.1f}")
+    for r in range(args.rounds):
+        rnd: dict = {"load_start": load(), "models": {}}
+        t0 = time.time()
+        recs = [profile_unit(pcfg, k, n, sc, settings) for k, n in sorted(used)]
+        prof = ScenarioProfile(recs)
+        rnd["profile_s"] = time.time() - t0
+        rnd["unstable"] = [rec["variant"] for rec in recs if not rec["stability"]["stable"]]
+        rnd["worst_profile_spread"] = max(rec["stability"].get("rel_spread", 0.0) for rec in recs)
+        print(f"round {r + 1}: profiled {len(recs)} variants in {rnd['profile_s']:.1f} s (worst spread "
+              f"{rnd['worst_profile_spread']:.2f}, unstable: {rnd['unstable'] or 'none'})")
+        for name, blocks in models.items():
+            pred = predict(prof, blocks)
+            same = measure_throughput(built[name], sc, warmup=1, repeats=args.repeats, clock=clock)
+            wall = same if args.no_wall or clock == "wall" else measure_throughput(
+                built[name], sc, warmup=0, repeats=args.repeats, clock="wall")
+            err = pred.tokens_per_s / same.tokens_per_s - 1
+            werr = pred.tokens_per_s / wall.tokens_per_s - 1
+            rnd["models"][name] = {"blocks": [b.name for b in blocks], "predicted": pred.to_dict(),
+                                   "measured": same.to_dict(), "measured_wall": wall.to_dict(),
+                                   "error": err, "error_wall": werr}
+            print(f"  {name:16s} predicted {pred.tokens_per_s:8.1f} tok/s  measured ({clock}) {same.tokens_per_s:8.1f}"
+                  f"  error {err * 100:+6.1f}% (spread {same.rel_spread * 100:4.1f}%)   wall {wall.tokens_per_s:8.1f} "
+                  f"error {werr * 100:+7.1f}% (spread {wall.rel_spread * 100:4.1f}%)   prefill "
+                  f"{pred.prefill_s * 1e3:.1f}/{same.prefill_s * 1e3:.1f} ms, decode {pred.decode_s * 1e3:.0f}/"
+                  f"{same.decode_s * 1e3:.0f} ms")
+        rnd["load_end"] = load()
+        out["rounds"].append(rnd)
+    out["summary"] = {}
+    print(f"summary over {args.rounds} round(s), load {min(x['load_start'] for x in out['rounds']):.1f}-"
+          f"{max(x['load_end'] for x in out['rounds']):.1f}:")
+    for name in models:
+        errs = [x["models"][name]["error"] for x in out["rounds"]]
+        werrs = [x["models"][name]["error_wall"] for x in out["rounds"]]
+        s = {"median": statistics.median(errs), "min": min(errs), "max": max(errs),
+             "wall_median": statistics.median(werrs), "wall_min": min(werrs), "wall_max": max(werrs)}
+        out["summary"][name] = s
+        print(f"  {name:16s} error ({clock}) median {s['median'] * 100:+6.1f}% [{s['min'] * 100:+.1f}, "
+              f"{s['max'] * 100:+.1f}]   wall median {s['wall_median'] * 100:+7.1f}% [{s['wall_min'] * 100:+.1f}, "
+              f"{s['wall_max'] * 100:+.1f}]")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

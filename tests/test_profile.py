@@ -1,7 +1,9 @@
 """The profile step and its pieces: every variant of a tiny search space profiled on this CPU, exact
-memory, the roofline estimate when the target device is absent, the decode fit, bad units.
+memory, the roofline estimate when the target device is absent, the decode fit, bad units; timings
+that disagree are taken again and a profile that never became stable is refused by solve (issue 16).
 
-Everything runs for real on the CPU (tiny shapes); nothing is mocked. GPU-only behaviour (CUDA graphs,
+Everything runs for real on the CPU (tiny shapes); nothing is mocked: the "paused worker" is a real
+sleep inside the timed callable. GPU-only behaviour (CUDA graphs,
 events) is checked by ``test_gpu_profile_and_engine_graphs``, skipped without CUDA.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ import torch
 from puzzle.config import ProfileConfig, Scenario, parse_config
 from puzzle.context import run_step
 from puzzle.errors import UnitError
-from puzzle.model import AttentionVariant, FFNVariant, expand_search_space
+from puzzle.model import AttentionVariant, BlockConfig, FFNVariant, expand_search_space
 from puzzle.model.io import parent_model_config
 from puzzle.profiling.engine import attended_length, decode_contexts
 from puzzle.profiling.profiler import (
@@ -26,6 +29,8 @@ from puzzle.profiling.profiler import (
     profile_unit,
 )
 from puzzle.profiling.roofline import estimate_costs
+from puzzle.profiling.throughput import ScenarioProfile, UnstableProfileError, load_scenario_profile, predict
+from puzzle.profiling.timing import time_callable
 from puzzle.run import create_run
 from puzzle.store import open_store
 
@@ -90,19 +95,26 @@ def test_every_variant_profiled_on_cpu_writes_well_formed_json(run):
         noop = u["variant"].endswith("_noop")
         if noop:
             assert rec["prefill_s"] == rec["decode_s"] == rec["weight_bytes"] == 0
+            assert rec["stability"] == {"measured": False, "stable": True}
             continue
         assert rec["prefill_s"] > 0 and rec["decode_s"] > 0
         assert math.isclose(rec["decode_step_s"] * sc.output_len, rec["decode_s"], rel_tol=1e-12)
         if sc.device == "cpu":
             assert rec["estimate"] is False and rec["device"].startswith("cpu")
-            assert rec["method"]["kind"] == "wall_clock" and rec["method"]["repeats"] == 2
+            assert rec["method"]["kind"] == "thread_cpu" and rec["method"]["repeats"] == 2
             assert len(rec["decode_points"]) == 3
             for p in rec["decode_points"]:
                 s = p["spread"]
                 assert s["min_s"] <= p["step_s"] <= s["max_s"] and s["repeats"] == 2
             assert rec["prefill"]["min_s"] <= rec["prefill_s"] <= rec["prefill"]["max_s"]
+            st = rec["stability"]  # each timing's spread, the worst one named, against the default bound
+            spreads = [rec["prefill"]["rel_spread"]] + [p["spread"]["rel_spread"] for p in rec["decode_points"]]
+            assert st["measured"] and st["rel_spread"] == max(spreads) and st["max_rel_spread"] == 0.75
+            assert st["stable"] == all(x <= 0.75 for x in spreads) and st["attempts"] == 3
+            assert st["worst"] == "prefill" or st["worst"].startswith("decode at context ")
         else:  # cuda:7 is absent here (and on any one-GPU machine): the roofline, labelled
             assert rec["estimate"] is True and "estimate" in rec["device"]
+            assert rec["stability"] == {"measured": False, "stable": True}
     # Metrics the framework wrote for the units
     prom = "".join(store.get_text(k) for k in store.list("metrics") if k.endswith(".prom"))
     assert "puzzle_profile_prefill_seconds" in prom and "puzzle_profile_decode_seconds" in prom
@@ -187,3 +199,193 @@ def test_gpu_profile_and_engine_graphs():
     rec = profile_unit(cfg, "attention", "attn_g2", sc, ProfileConfig(scenarios=[sc], warmup=1, repeats=3))
     assert rec["estimate"] is False and rec["method"]["cuda_graphs"] and rec["method"]["kind"] == "cuda_events"
     assert rec["prefill_s"] > 0 and rec["decode_s"] > 0
+
+
+def _sleeper(pattern):
+    """A callable that sleeps pattern(i) seconds on its i-th call (0-based): a worker paused by the OS."""
+    calls = []
+
+    def fn() -> None:
+        time.sleep(pattern(len(calls)))
+        calls.append(1)
+
+    return fn
+
+
+BASE, PAUSE = 0.05, 0.5
+
+
+def test_a_paused_worker_is_measured_again_and_the_undisturbed_median_kept():
+    # The worker is paused during 3 of the first attempt's 5 repetitions: that median is the pause.
+    def paused():
+        return _sleeper(lambda i: PAUSE if i < 3 else BASE)
+
+    old = time_callable(paused(), "cpu", warmup=0, repeats=5, inner=1)  # what the profiler did before
+    assert old.median_s >= PAUSE and old.rel_spread > 0.5 and old.stable  # no bound: trusted as it is
+    t = time_callable(paused(), "cpu", warmup=0, repeats=5, inner=1, max_rel_spread=0.5, attempts=3, clock="wall")
+    assert t.attempt_spreads[0] > 0.5 and len(t.attempt_spreads) >= 2  # rejected, then taken again
+    assert BASE <= t.median_s < 2 * BASE  # the undisturbed time, not the pause
+    assert t.stable and t.rel_spread == t.attempt_spreads[-1] <= 0.5
+    d = t.to_dict()
+    assert d["stable"] is True and d["attempt_spreads"] == list(t.attempt_spreads) and d["max_rel_spread"] == 0.5
+
+
+def test_a_persistently_noisy_callable_ends_unstable():
+    fn = _sleeper(lambda i: PAUSE / 5 if i % 2 else BASE / 5)  # every other repetition 10x slower
+    t = time_callable(fn, "cpu", warmup=0, repeats=4, inner=1, max_rel_spread=0.5, attempts=3, clock="wall")
+    assert len(t.attempt_spreads) == 3 and min(t.attempt_spreads) > 0.5
+    assert t.rel_spread == min(t.attempt_spreads)  # the least noisy attempt is the one kept
+    assert t.stable is False and t.to_dict()["stable"] is False
+    with pytest.raises(ValueError, match="attempts: 0 is not allowed"):
+        time_callable(fn, "cpu", warmup=0, repeats=1, attempts=0)
+    with pytest.raises(ValueError, match="clock: 'sundial' is not allowed"):
+        time_callable(fn, "cpu", warmup=0, repeats=1, clock="sundial")
+
+
+def test_solve_refuses_a_profile_that_never_became_stable(tmp_path, capsys):
+    from puzzle.cli import main as cli_main
+
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "config.json").write_text(json.dumps(llama_config()))
+    # A bound no wall-clock or CPU-time measurement meets: every attempt of every timing is "too noisy".
+    cfg = parse_config({
+        "name": "noisy", "parent": {"uri": str(parent)},
+        "data": {"distillation_uri": "unused.txt", "validation_uri": "unused.txt"},
+        "profile": {"scenarios": [{"name": "cpu-b2", "batch_size": 2, "input_len": 16, "output_len": 9}],
+                    "warmup": 0, "repeats": 3, "decode_points": 2, "max_rel_spread": 1e-9, "attempts": 2},
+        "store": {"uri": f"file://{tmp_path / 'runs'}"},
+    })
+    run_uri = create_run(cfg, run_id="noisy-test")
+    unit = {"id": "cpu-b2.attn_g2", "scenario": "cpu-b2", "kind": "attention", "variant": "attn_g2"}
+    assert run_step("profile", run_uri, unit)
+    store = open_store(run_uri)
+    rec = store.get_json("profile/cpu-b2/attn_g2.json")
+    st = rec["stability"]
+    assert st["measured"] and st["stable"] is False and st["rel_spread"] > 1e-9 and st["attempts"] == 2
+    assert len(rec["prefill"]["attempt_spreads"]) == 2 and rec["prefill"]["stable"] is False
+    assert all(len(p["spread"]["attempt_spreads"]) == 2 for p in rec["decode_points"])
+    # never cached: the next run must measure it again rather than inherit the noise
+    assert not any(k.endswith("attn_g2.json") for k in open_store(f"file://{tmp_path / 'runs'}").list("profiles"))
+    for u in ({"id": "cpu-b2.attn_noop", "scenario": "cpu-b2", "kind": "attention", "variant": "attn_noop"},):
+        assert run_step("profile", run_uri, u)  # nothing measured: nothing to judge
+
+    assert cli_main(["step", "solve", "--run", run_uri]) == 2
+    err = capsys.readouterr().err
+    assert "scenario 'cpu-b2', variant 'attn_g2'" in err and "attn_noop" not in err
+    assert f"(p90 - p10) / median = {st['rel_spread']:.3g} after 2 attempt(s)" in err
+    assert "above profile.max_rel_spread = 1e-09" in err
+    assert f"puzzle step profile --run {run_uri} --unit '{json.dumps(unit)}' --force" in err
+    assert "raise profile.max_rel_spread" in err
+    assert not store.exists("solve/solutions.json") and not store.exists("done/solve/all.json")
+    # the way out the message names: a bound the recorded spread is within lets it through
+    with pytest.raises(UnstableProfileError):
+        load_scenario_profile(store, "cpu-b2")  # the bound it was measured under
+    prof = load_scenario_profile(store, "cpu-b2", max_rel_spread=max(10 * st["rel_spread"], 1.0))
+    assert prof.cost("attention", "attn_g2").prefill_s == rec["prefill_s"]
+
+
+def _two_runs(tmp_path: Path, **profile):
+    """Two runs of one config in one store (as a rerun would be), plus the store root."""
+    parent = tmp_path / "parent"
+    parent.mkdir(exist_ok=True)
+    (parent / "config.json").write_text(json.dumps(llama_config()))
+
+    def cfg(scenario_name: str, **extra):
+        return parse_config({
+            "name": "reuse", "parent": {"uri": str(parent)},
+            "data": {"distillation_uri": "unused.txt", "validation_uri": "unused.txt"},
+            "profile": {"scenarios": [{"name": scenario_name, "batch_size": 2, "input_len": 16, "output_len": 9}],
+                        "warmup": 0, "repeats": 3, "decode_points": 2, "max_rel_spread": 1e6, **profile, **extra},
+            "store": {"uri": f"file://{tmp_path / 'runs'}"},
+        })
+
+    return cfg
+
+
+CACHED_UNITS = [("attention", "attn_g2"), ("ffn", "ffn_m1.0"), ("non_block", "non_block")]
+
+
+def _profile(run_uri: str, scenario: str) -> dict[str, dict]:
+    for kind, v in CACHED_UNITS + [("attention", "attn_noop")]:
+        assert run_step("profile", run_uri, {"id": f"{scenario}.{v}", "scenario": scenario, "kind": kind, "variant": v})
+    store = open_store(run_uri)
+    return {v: store.get_json(f"profile/{scenario}/{v}.json") for _, v in CACHED_UNITS + [("attention", "attn_noop")]}
+
+
+def test_a_rerun_reuses_the_stable_profiles_of_an_earlier_run_bit_for_bit(tmp_path):
+    cfg = _two_runs(tmp_path)
+    first = _profile(create_run(cfg("cpu-b2"), run_id="reuse-1"), "cpu-b2")
+    root = open_store(f"file://{tmp_path / 'runs'}")
+    cached = sorted(k for k in root.list("profiles"))
+    digest = first["attn_g2"]["cache"]["digest"]
+    ffn_entry = f"ffn_i{FFNVariant.from_mult(1.0, HIDDEN).intermediate_size}"  # cached by its shape
+    assert cached == [f"profiles/{digest}/{e}.json" for e in ("attn_g2", ffn_entry, "key", "non_block")]
+    key = root.get_json(f"profiles/{digest}/key.json")
+    assert key["device"]["name"] == first["attn_g2"]["device"] and key["device"]["torch"] == torch.__version__
+    assert key["scenario"] == {"batch_size": 2, "input_len": 16, "output_len": 9, "dtype": "float32", "device": "cpu"}
+    assert key["model"]["hidden_size"] == HIDDEN and key["model"]["num_hidden_layers"] == LAYERS
+    for v, rec in first.items():
+        if v == "attn_noop":
+            assert "reused" not in rec and "cache" not in rec  # nothing measured, nothing cached
+            continue
+        assert rec["reused"] is None and rec["cache"]["written"] is True
+        assert rec["measured_by"]["run"] == "reuse-1" and rec["measured_by"]["unit"] == f"cpu-b2.{v}"
+
+    # The rerun (here: its scenario renamed, same contents) copies them instead of measuring
+    second = _profile(create_run(cfg("cpu-again"), run_id="reuse-2"), "cpu-again")
+    for v in ("attn_g2", "ffn_m1.0", "non_block"):
+        a, b = first[v], second[v]
+        entry = ffn_entry if v == "ffn_m1.0" else v
+        assert b["reused"] == {"from": f"{root.uri}/profiles/{digest}/{entry}.json", "digest": digest,
+                               "measured_by": a["measured_by"]}
+        assert b["scenario"]["name"] == "cpu-again" and b["variant"] == v and "cache" not in b
+        for f in ("prefill_s", "decode_s", "decode_step_s", "decode_points", "prefill", "stability", "memory_bytes"):
+            assert b[f] == a[f], f
+    p1 = ScenarioProfile(list(first.values()))
+    p2 = load_scenario_profile(open_store("file://" + str(tmp_path / "runs" / "reuse-2")), "cpu-again")
+    blocks = [BlockConfig(AttentionVariant.gqa(2), FFNVariant.from_mult(1.0, HIDDEN))] * LAYERS
+    assert predict(p1, blocks) == predict(p2, blocks)  # the solver sees the same problem
+
+    # reuse off: measured again, the cache left as it was
+    before = {k: root.get_bytes(k) for k in cached}
+    third = _profile(create_run(cfg("cpu-b2", reuse=False), run_id="reuse-3"), "cpu-b2")
+    assert all("reused" not in r and "cache" not in r for r in third.values())
+    assert {k: root.get_bytes(k) for k in root.list("profiles")} == before
+
+
+def test_cache_key_follows_device_shapes_and_settings_and_the_bound_is_the_readers(tmp_path):
+    from puzzle.profiling.cache import ProfileCache, cache_key, digest_of, entry_name
+
+    cfg = parent_model_config(llama_config(), "config.json")
+    sc = Scenario(name="a", batch_size=2, input_len=16, output_len=9)
+    settings = ProfileConfig(scenarios=[sc], repeats=3)
+    cpu = torch.device("cpu")
+    base = digest_of(cache_key(cfg, sc, settings, cpu))
+    assert digest_of(cache_key(cfg, sc.model_copy(update={"name": "b"}), settings, cpu)) == base
+    assert digest_of(cache_key(cfg, sc, settings.model_copy(update={"max_rel_spread": 0.1, "attempts": 9}), cpu)) == base
+    changed = [
+        cache_key(cfg, sc.model_copy(update={"batch_size": 3}), settings, cpu),
+        cache_key(cfg, sc.model_copy(update={"dtype": "bfloat16"}), settings, cpu),
+        cache_key(cfg, sc, settings.model_copy(update={"repeats": 4}), cpu),
+        cache_key(cfg, sc, settings.model_copy(update={"cpu_clock": "wall"}), cpu),
+        cache_key(parent_model_config({**llama_config(), "vocab_size": 128}, "config.json"), sc, settings, cpu),
+        cache_key(parent_model_config({**llama_config(), "num_hidden_layers": 4}, "config.json"), sc, settings, cpu),
+    ]
+    torch.set_num_threads(2)
+    try:
+        changed.append(cache_key(cfg, sc, settings, cpu))  # another thread count is another device
+    finally:
+        torch.set_num_threads(1)
+    assert len({base, *map(digest_of, changed)}) == len(changed) + 1
+    size = FFNVariant.from_mult(1.0, HIDDEN).intermediate_size
+    assert entry_name("ffn", FFNVariant.from_mult(1.0, HIDDEN)) == entry_name("ffn", FFNVariant.exact(size)) == f"ffn_i{size}"
+
+    # A cached record is judged against the reading run's bound, not the one it was written under
+    cache = ProfileCache(open_store(f"file://{tmp_path}"), cache_key(cfg, sc, settings, cpu))
+    rec = profile_unit(cfg, "attention", "attn_g2", sc, settings.model_copy(update={"max_rel_spread": 1e6}))
+    cache.save("attn_g2", rec)
+    spread = rec["stability"]["rel_spread"]
+    assert cache.lookup("attn_g2", max_rel_spread=spread * 2 + 1e-12) == rec
+    assert cache.lookup("attn_g2", max_rel_spread=spread / 2) is None
+    assert cache.lookup("attn_g4", max_rel_spread=1e6) is None

@@ -143,6 +143,16 @@ class ProfileConfig(_Strict):
     warmup: int = Field(3, ge=0, description="Untimed repetitions before measuring.")
     repeats: int = Field(10, ge=1, description="Timed repetitions; the median is used.")
     decode_points: int = Field(5, ge=2, description="Context lengths sampled across the output range.")
+    max_rel_spread: float = Field(
+        0.75, gt=0, description="Largest (p90 - p10) / median a timing may have; above it the timing is taken "
+        "again, and solve refuses a profile that never came within it (0.75 catches a median inflated 4x by "
+        "a pause; a loaded shared CPU's own noise stays near 0.5).")
+    attempts: int = Field(3, ge=1, description="Measurements of one timing at most before it is recorded as unstable.")
+    cpu_clock: Literal["auto", "wall", "thread_cpu"] = Field(
+        "auto", description="Host clock on CPU: thread_cpu (the thread's CPU time: deaf to time the OS gave to "
+        "other processes), wall, or auto (thread_cpu with one torch thread, else wall).")
+    reuse: bool = Field(True, description="Copy a stable profile an earlier run measured on the same device, "
+                        "shapes and settings (profiles/<digest>/ beside the runs) instead of measuring again.")
     backend: Literal["torch", "vllm"] = "torch"
     cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs on GPU.")
     estimate_peak_tflops: float = Field(989.0, gt=0, description="Peak dense FLOP/s (TFLOP/s) for the roofline estimate.")

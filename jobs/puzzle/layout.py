@@ -21,6 +21,7 @@ A run lives at ``<store.uri>/<run-id>/`` (``file://./runs/tiny-20261201-101500-a
     report.json, report.html, status.json, metrics/<step>-<unit>.prom
 
     library/<digest>/key.json, <layer>/<variant>/{weights.safetensors, meta.json}, checkpoints/<unit>/...
+    profiles/<digest>/key.json, <entry>.json     measured profiles shared across runs (the profile cache)
 
 This module imports nothing from the project, so every floor may name a key through it; the run's
 lifecycle (creating, opening, progress, publishing) is :mod:`puzzle.run`.
@@ -46,6 +47,9 @@ LIBRARY_PREFIX = "library"
 LIBRARY_KEY = "key.json"
 LIBRARY_WEIGHTS = "weights.safetensors"
 LIBRARY_META = "meta.json"
+
+PROFILE_CACHE_PREFIX = "profiles"
+PROFILE_CACHE_KEY = "key.json"
 
 
 def plan_key(name: str) -> str:
@@ -137,6 +141,16 @@ def parse_library_entry(key: str) -> tuple[int, str] | None:
     if len(parts) == 3 and parts[2] == LIBRARY_META and parts[0].isdigit():
         return int(parts[0]), parts[1]
     return None
+
+
+def profile_cache_root(digest: str) -> str:
+    """``profiles/<digest>``, beside the runs: one (parent shapes, scenario, device, settings) measured."""
+    return f"{PROFILE_CACHE_PREFIX}/{digest}"
+
+
+def profile_cache_entry(entry: str) -> str:
+    """``<entry>.json`` under a profile-cache root: one variant's shape (``attn_g4``, ``ffn_i512``, ``non_block``)."""
+    return f"{entry}.json"
 
 
 #: What each step writes into the run (key prefixes and keys), removed when the step is redone. BLD's blocks

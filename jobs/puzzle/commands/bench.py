@@ -6,7 +6,12 @@ Llama layout or a nemotron-nas child. The measurement is ``puzzle.profiling.benc
 (static per-block KV cache, CUDA graphs on GPU, median of repeated generations). With ``--run RUN_URI``
 the run's profiles for that scenario also give the throughput model's prediction and its error.
 
-    puzzle bench throughput examples/tiny/parent --batch 8 --input-len 64 --output-len 64
+On CPU the figure depends on the torch thread count as much as on the model: ``--threads N`` sets it
+(default: what ``puzzle run`` gives one local worker, the CPU count over the workers). A measurement
+whose generations disagree by more than ``--max-rel-spread`` ((p90 - p10) / median; default the
+config's ``profile.max_rel_spread``) prints a warning: the machine was busy and the figure is not the model's.
+
+    puzzle bench throughput examples/tiny/parent --batch 8 --input-len 64 --output-len 64 --threads 1
     puzzle bench throughput runs/tiny-.../child/sol-0 --config examples/tiny/puzzle.yaml --scenario cpu-b8 \\
         --run file://./runs/tiny-... --json out.json
 """
@@ -14,11 +19,13 @@ the run's profiles for that scenario also give the throughput model's prediction
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from puzzle.config import Scenario, format_validation_error, load_config
+from puzzle.config import ProfileConfig, Scenario, format_validation_error, load_config
 from puzzle.errors import UserError
 
 
@@ -34,6 +41,11 @@ def register(sub) -> None:
     t.add_argument("--output-len", type=int, default=None, help="generated tokens (without --config)")
     t.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (without --config)")
     t.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (without --config)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch threads while measuring (default: the CPU count over puzzle run's local workers)")
+    t.add_argument("--max-rel-spread", type=float, default=None,
+                   help="warn when (p90 - p10) / median of the generations is above this "
+                        "(default: the config's profile.max_rel_spread)")
     t.add_argument("--repeats", type=int, default=3, help="timed generations; the median is reported")
     t.add_argument("--warmup", type=int, default=1, help="untimed generations first")
     t.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly on GPU (for comparison)")
@@ -42,6 +54,23 @@ def register(sub) -> None:
     t.add_argument("--run", default=None, metavar="RUN_URI", help="also predict from this run's profiles")
     t.add_argument("--json", type=Path, default=None, help="write the result here as JSON")
     t.set_defaults(func=_throughput)
+
+
+def default_threads() -> int:
+    """Threads one worker of ``puzzle run`` gets here: the CPU count over its default worker count."""
+    from puzzle.local import default_workers
+
+    return max(1, (os.cpu_count() or 1) // default_workers())
+
+
+def _spread_bound(args) -> float:
+    if args.max_rel_spread is not None:
+        if not args.max_rel_spread > 0:
+            raise UserError(f"--max-rel-spread: {args.max_rel_spread} is not allowed; must be > 0")
+        return args.max_rel_spread
+    if args.config is not None:
+        return load_config(args.config).profile.max_rel_spread
+    return float(ProfileConfig.model_fields["max_rel_spread"].default)
 
 
 def scenario_from_args(args) -> Scenario:
@@ -76,6 +105,13 @@ def _throughput(args) -> int:
         raise UserError(f"MODEL_DIR: {str(args.model_dir)!r} has no config.json; give a Hugging Face model directory")
     if args.repeats < 1:
         raise UserError(f"--repeats: {args.repeats} is not allowed; must be >= 1")
+    threads = default_threads() if args.threads is None else args.threads
+    if threads < 1:
+        raise UserError(f"--threads: {threads} is not allowed; must be >= 1")
+    bound = _spread_bound(args)
+    import torch
+
+    torch.set_num_threads(threads)
     try:
         if args.backend == "vllm":
             meas = measure_throughput_vllm(args.model_dir, sc, repeats=args.repeats)
@@ -86,11 +122,19 @@ def _throughput(args) -> int:
         if isinstance(err, DeviceAbsentError) or "vllm" in str(err).lower():
             raise UserError(str(err)) from None
         raise
-    out = {"model_dir": str(args.model_dir), "measured": meas.to_dict()}
+    out = {"model_dir": str(args.model_dir), "measured": meas.to_dict(), "max_rel_spread": bound,
+           "stable": meas.rel_spread <= bound}
     print(f"{args.model_dir} on {sc.name} (batch {sc.batch_size}, {sc.input_len} in, {sc.output_len} out, "
           f"{sc.dtype}, {meas.device}): {meas.tokens_per_s:.1f} tokens/s (prefill {meas.prefill_s * 1e3:.2f} ms, "
           f"decode {meas.decode_s:.4f} s, {meas.decode_step_s * 1e3:.3f} ms a step; spread "
-          f"{meas.total_spread['rel_spread'] * 100:.1f}%)")
+          f"{meas.rel_spread * 100:.1f}%)")
+    if meas.rel_spread > bound:
+        load = ""
+        if hasattr(os, "getloadavg"):
+            load = f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        print(f"warning: the {meas.repeats} generations disagree by {meas.rel_spread:.0%} ((p90 - p10) / median), "
+              f"above {bound * 100:.3g}% (--max-rel-spread){load}: the machine was busy, so this figure is not the model's; measure on a "
+              "quieter machine, with fewer --threads or with more --repeats", file=sys.stderr)
     if args.run:
         from puzzle.model import ModelConfig
         from puzzle.profiling.throughput import load_scenario_profile, predict

@@ -4,17 +4,21 @@
   block_configs) -> Prediction``, ``variant_costs(profile, kind, name)``: what solve and evaluate use.
 - ``puzzle.profiling.profiler``: ``profile_unit(...)`` measures one variant (or the non-block parts) on
   one scenario; the ``profile`` step writes its record to ``profile/<scenario>/<variant>.json``.
+- ``puzzle.profiling.cache``: ``profile_unit_cached(...)``, the same through the profile cache beside the
+  runs (``profiles/<digest>/``), so a rerun on the same device and shapes reuses stable profiles.
 - ``puzzle.profiling.roofline``: the analytic estimate used only when the target device is absent.
 - ``puzzle.profiling.bench``: ``measure_throughput(model, scenario)``, a whole model's tokens/s with
   the same method (``puzzle bench throughput``).
 - ``puzzle.profiling.engine`` / ``timing``: the shared inference path (per-block KV cache, CUDA graphs)
-  and the timing method (CUDA events or wall clock, warm-up, median of repeats).
+  and the timing method (CUDA events, the thread's CPU time or the wall clock, warm-up, median of
+  repeats, re-measured when the repeats disagree by more than the bound).
 """
 
 from puzzle.profiling.throughput import (
     Prediction,
     ProfileError,
     ScenarioProfile,
+    UnstableProfileError,
     VariantCost,
     load_scenario_profile,
     predict,
@@ -25,6 +29,7 @@ __all__ = [
     "Prediction",
     "ProfileError",
     "ScenarioProfile",
+    "UnstableProfileError",
     "VariantCost",
     "load_scenario_profile",
     "predict",

@@ -3,7 +3,8 @@
 ``measure_throughput(model, scenario)`` runs greedy generation of a batch of random prompts through
 ``puzzle.profiling.engine.InferenceEngine`` (per-block static KV cache, CUDA graphs on GPU, one graph
 per 64-slot attended-length bucket, all captured before timing) and times the prefill and the decode
-loop separately (CUDA events on GPU, wall clock on CPU), the median over ``repeats`` generations::
+loop separately (CUDA events on GPU, the wall clock on CPU unless ``clock="thread_cpu"``), the median over
+``repeats`` generations::
 
     tokens/s = batch * output_len / (prefill_s + decode_s)
 
@@ -31,7 +32,7 @@ from puzzle.model import DeciLMForCausalLM, load_parent, model_counts
 from puzzle.model.io import torch_dtype
 from puzzle.profiling.engine import InferenceEngine, decode_contexts
 from puzzle.profiling.profiler import device_name, target_device
-from puzzle.profiling.timing import summarize, synchronize
+from puzzle.profiling.timing import Timing, host_clock, summarize, synchronize
 
 
 class DeviceAbsentError(RuntimeError):
@@ -53,9 +54,15 @@ class Measurement:
     torch_version: str
     repeats: int
     cuda_graphs: bool
-    total_spread: dict[str, float]
+    total_spread: dict[str, float]  # median_s, min_s, max_s, p10_s, p90_s, rel_spread of the generations' totals
     scenario: dict[str, Any]
     backend: str = "torch"
+    threads: int = 0  # torch intra-op threads while measuring (CPU)
+    clock: str = "wall"  # "cuda_events", "wall" or "thread_cpu"
+
+    @property
+    def rel_spread(self) -> float:
+        return float(self.total_spread["rel_spread"])
 
     @property
     def total_s(self) -> float:
@@ -65,6 +72,11 @@ class Measurement:
         d = asdict(self)
         d["total_s"] = self.total_s
         return d
+
+
+def spread_of(t: Timing) -> dict[str, float]:
+    return {"median_s": t.median_s, "min_s": t.min_s, "max_s": t.max_s, "p10_s": t.p10_s, "p90_s": t.p90_s,
+            "rel_spread": t.rel_spread, "repeats": float(t.repeats)}
 
 
 def _prepare(model: DeciLMForCausalLM | str | Path, scenario: Scenario, device: torch.device) -> DeciLMForCausalLM:
@@ -84,18 +96,20 @@ def _prepare(model: DeciLMForCausalLM | str | Path, scenario: Scenario, device: 
 
 @torch.no_grad()
 def measure_throughput(model: DeciLMForCausalLM | str | Path, scenario: Scenario, warmup: int = 1,
-                       repeats: int = 3, cuda_graphs: bool = True, seed: int = 0) -> Measurement:
+                       repeats: int = 3, cuda_graphs: bool = True, seed: int = 0, clock: str = "wall") -> Measurement:
     """Measure greedy generation of ``scenario`` (batch x input_len prompts, output_len new tokens).
 
     ``model``: a loaded model (copied to the scenario's device and dtype when it differs) or a model
     directory (Llama-layout parent or nemotron-nas child). Raises DeviceAbsentError when the
-    scenario's device is not here.
+    scenario's device is not here. ``clock`` (CPU): "wall" (what a user waits) or "thread_cpu" (the
+    calling thread's CPU time, deaf to other processes; meaningful with one torch thread only).
     """
     device = target_device(scenario)
     if device is None:
         raise DeviceAbsentError(f"scenario {scenario.name!r}: device {scenario.device!r} is not present on this machine")
     if repeats < 1:
         raise ValueError(f"repeats: {repeats} is not allowed; must be >= 1")
+    now = host_clock(clock)
     m = _prepare(model, scenario, device)
     B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
     gen = torch.Generator().manual_seed(seed)
@@ -116,12 +130,12 @@ def measure_throughput(model: DeciLMForCausalLM | str | Path, scenario: Scenario
             e2.record()
             e2.synchronize()
             return e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
-        t0 = time.perf_counter()
+        t0 = now()
         eng.prefill()
-        t1 = time.perf_counter()
+        t1 = now()
         for c in contexts:
             eng.decode(c)
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, now() - t1
 
     try:
         for _ in range(max(warmup, 0)):
@@ -136,7 +150,7 @@ def measure_throughput(model: DeciLMForCausalLM | str | Path, scenario: Scenario
     counts = model_counts(m.config)
     weight = counts.weight_bytes(scenario.dtype)
     kv = counts.kv_cache_bytes(B, T + O, scenario.dtype)
-    spread = summarize(totals).to_dict()
+    spread = spread_of(summarize(totals))
     return Measurement(
         tokens_per_s=B * O / (prefill_s + decode_s),
         prefill_s=prefill_s,
@@ -149,8 +163,10 @@ def measure_throughput(model: DeciLMForCausalLM | str | Path, scenario: Scenario
         torch_version=torch.__version__,
         repeats=repeats,
         cuda_graphs=eng.use_graphs,
-        total_spread={k: float(v) for k, v in spread.items()},
+        total_spread=spread,
         scenario=scenario.model_dump(mode="json"),
+        threads=torch.get_num_threads(),
+        clock="cuda_events" if device.type == "cuda" else clock,
     )
 
 
@@ -179,6 +195,6 @@ def measure_throughput_vllm(model_dir: str | Path, scenario: Scenario, repeats: 
         tokens_per_s=B * O / total, prefill_s=float("nan"), decode_s=float("nan"), decode_step_s=float("nan"),
         memory_bytes=0, weight_bytes=0, kv_bytes=0, device=device_name(torch.device("cuda")),
         torch_version=torch.__version__, repeats=repeats, cuda_graphs=True,
-        total_spread={k: float(v) for k, v in summarize(totals).to_dict().items()},
-        scenario=scenario.model_dump(mode="json"), backend="vllm",
+        total_spread=spread_of(summarize(totals)),
+        scenario=scenario.model_dump(mode="json"), backend="vllm", threads=torch.get_num_threads(),
     )

@@ -1,7 +1,7 @@
 """Profile one block variant (or the non-block parts) on one scenario: what a ``profile`` unit does.
 
 Measured on the scenario's device when it is present (GPU: CUDA events around CUDA-graph replays;
-CPU: wall clock), with the exact blocks of ``puzzle.profiling.engine`` that a whole-model measurement
+CPU: the thread's CPU time with one torch thread, else the wall clock; ``profile.cpu_clock``), with the exact blocks of ``puzzle.profiling.engine`` that a whole-model measurement
 runs, so per-variant costs add up to the model:
 
 - prefill: the batch at input_len through the block (GQA fills its KV cache);
@@ -14,6 +14,10 @@ working set is as large as in the whole model (a lone block would be served from
 CPU's caches and look faster than it is in the model). ``no_op`` costs exactly zero and is not timed.
 When the target device is absent (scenario device ``cuda`` on a CPU-only machine) the record is the
 roofline estimate of ``puzzle.profiling.roofline``, with ``"estimate": true``.
+
+Every timing is held to ``profile.max_rel_spread`` (taken again up to ``profile.attempts`` times, see
+``puzzle.profiling.timing``); the record's ``stability`` says whether all of them came within it, the
+worst spread and which timing it was. Solve refuses a record that never did.
 """
 
 from __future__ import annotations
@@ -51,16 +55,28 @@ from puzzle.profiling.engine import (
     rope_tables,
 )
 from puzzle.profiling.roofline import estimate_costs
-from puzzle.profiling.timing import time_callable
+from puzzle.profiling.timing import cpu_clock, time_callable
 
 # Replicas stop when their weights and caches exceed this (bytes), or at the parent's layer count.
 _REPLICA_BYTES = 2 * 2**30
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux; ``platform`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu: {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"cpu: {cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def target_device(scenario: Scenario) -> torch.device | None:
@@ -152,6 +168,26 @@ def _record_base(kind: str, name: str, cfg: ModelConfig, scenario: Scenario, cou
     }
 
 
+NOT_MEASURED = {"measured": False, "stable": True}
+
+
+def stability(measured: dict[str, Any], settings: ProfileConfig) -> dict[str, Any]:
+    """Whether every timing of a measured record came within ``profile.max_rel_spread``: the worst final
+    spread, which timing it was, and how many timings had to be taken again."""
+    timings = [("prefill", measured["prefill"])] + [
+        (f"decode at context {p['context']}", p["spread"]) for p in measured["decode_points"]]
+    worst_name, worst = max(timings, key=lambda t: t[1]["rel_spread"])
+    return {
+        "measured": True,
+        "stable": all(t["stable"] for _, t in timings),
+        "rel_spread": worst["rel_spread"],
+        "worst": worst_name,
+        "max_rel_spread": settings.max_rel_spread,
+        "attempts": settings.attempts,
+        "remeasured": sum(len(t["attempt_spreads"]) > 1 for _, t in timings),
+    }
+
+
 def parse_variant(kind: str, name: str, cfg: ModelConfig) -> AttentionVariant | FFNVariant | None:
     """The variant object of a unit (None for non_block); ValueError names what is wrong."""
     if kind == "non_block":
@@ -190,7 +226,7 @@ def profile_unit(cfg: ModelConfig, kind: str, name: str, scenario: Scenario, set
                     "decode_points": [{"context": c, "attended": attended_length(c, T + O, bucket), "step_s": 0.0}
                                       for c in pts],
                     "decode_fit": {"intercept_s": 0.0, "per_attended_slot_s": 0.0},
-                    "decode_s": 0.0, "decode_step_s": 0.0})
+                    "decode_s": 0.0, "decode_step_s": 0.0, "stability": dict(NOT_MEASURED)})
         return rec
     if device is None:
         est = estimate_costs(kind, variant, cfg, B, T, O, scenario.dtype, scenario.device,
@@ -201,7 +237,7 @@ def profile_unit(cfg: ModelConfig, kind: str, name: str, scenario: Scenario, set
                                "bandwidth_gbps": settings.estimate_bandwidth_gbps},
                     "prefill_s": est["prefill_s"], "prefill": None, "decode_points": dp,
                     "decode_fit": None, "decode_s": est["decode_s"], "decode_step_s": est["decode_s"] / O,
-                    "prefill_flops": est["prefill_flops"]})
+                    "prefill_flops": est["prefill_flops"], "stability": dict(NOT_MEASURED)})
         return rec
     measured = measure_unit(cfg, kind, variant, scenario, settings, device, pts, seed)
     a, b = fit_decode([(p["attended"], p["step_s"]) for p in measured["decode_points"]],
@@ -211,7 +247,7 @@ def profile_unit(cfg: ModelConfig, kind: str, name: str, scenario: Scenario, set
                 "prefill_s": measured["prefill"]["median_s"], "prefill": measured["prefill"],
                 "decode_points": measured["decode_points"],
                 "decode_fit": {"intercept_s": a, "per_attended_slot_s": b},
-                "decode_s": decode_s, "decode_step_s": decode_s / O})
+                "decode_s": decode_s, "decode_step_s": decode_s / O, "stability": stability(measured, settings)})
     return rec
 
 
@@ -233,6 +269,8 @@ def measure_unit(cfg: ModelConfig, kind: str, variant: Any, scenario: Scenario, 
         per = counts.weight_bytes(scenario.dtype) + counts.kv_cache_bytes(B, max_len, scenario.dtype)
         replicas = max(1, min(cfg.num_hidden_layers, _REPLICA_BYTES // max(per, 1)))
     use_graphs = settings.cuda_graphs and device.type == "cuda"
+    clock = "cuda_events" if device.type == "cuda" else cpu_clock(settings.cpu_clock)
+    timed = {"max_rel_spread": settings.max_rel_spread, "attempts": settings.attempts, "clock": clock}
     pool = None  # each graph its own pool: it is dropped after timing, which a shared pool does not allow
 
     def norm() -> RMSNorm:
@@ -275,7 +313,7 @@ def measure_unit(cfg: ModelConfig, kind: str, variant: Any, scenario: Scenario, 
             nb.out(h, tok)
 
     g = Graphed(prefill, device, use_graphs, pool)
-    pre = time_callable(g, device, settings.warmup, settings.repeats)
+    pre = time_callable(g, device, settings.warmup, settings.repeats, **timed)
     del g
 
     dpoints = []
@@ -297,16 +335,16 @@ def measure_unit(cfg: ModelConfig, kind: str, variant: Any, scenario: Scenario, 
                 h, _, _ = nb.decode_in(tok, pos, L)
                 nb.out(h, tok)
         g = Graphed(step, device, use_graphs, pool)
-        t = time_callable(g, device, settings.warmup, settings.repeats)
+        t = time_callable(g, device, settings.warmup, settings.repeats, **timed)
         del g
         dpoints.append({"context": c, "attended": L, "step_s": t.median_s / replicas,
                         "spread": {k: v / replicas if k.endswith("_s") else v for k, v in t.to_dict().items()}})
     return {
         "prefill": {k: v / replicas if k.endswith("_s") else v for k, v in pre.to_dict().items()},
         "decode_points": dpoints,
-        "method": {"kind": "cuda_events" if device.type == "cuda" else "wall_clock",
-                   "cuda_graphs": use_graphs, "warmup": settings.warmup, "repeats": settings.repeats,
-                   "statistic": "median", "replicas": replicas, "decode_bucket": bucket,
-                   "threads": torch.get_num_threads()},
+        "method": {"kind": clock, "cuda_graphs": use_graphs, "warmup": settings.warmup,
+                   "repeats": settings.repeats, "statistic": "median", "replicas": replicas, "decode_bucket": bucket,
+                   "threads": torch.get_num_threads(), "max_rel_spread": settings.max_rel_spread,
+                   "attempts": settings.attempts},
     }
 

@@ -11,9 +11,14 @@ pick), all read from ``profile/<scenario>/<variant>.json``::
 ``a + b * attended_length`` over its sampled contexts and sums it over every step
 (see ``puzzle.profiling.profiler``). Memory is weights plus the KV cache at B x (input_len + output_len).
 
+A measured record whose timings never came within the allowed spread (``stability.stable`` false, or
+its spread above the ``max_rel_spread`` the loader is given) is refused with
+:class:`UnstableProfileError` (bad input, exit 2), which names the scenario, the variant, the spread,
+the bound and the command that measures it again.
+
 Use::
 
-    prof = load_scenario_profile(store, "cpu-b8")
+    prof = load_scenario_profile(store, "cpu-b8", max_rel_spread=0.75)
     pred = predict(prof, child_config.block_configs)   # Prediction(tokens_per_s, ...)
     variant_costs(prof, "ffn", "ffn_m0.5")             # the MIP's per-variant linear costs
 
@@ -24,10 +29,12 @@ For the MIP (``puzzle.solver``): its resource ``decode_s:<scenario>`` is the *me
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from puzzle.errors import BadInputError
 from puzzle.layout import profile_key, profile_prefix
 from puzzle.model import AttentionVariant, BlockConfig, FFNVariant, variant_from_name
 from puzzle.store import Store
@@ -36,8 +43,12 @@ KINDS = ("attention", "ffn", "non_block")
 NON_BLOCK = "non_block"
 
 
-class ProfileError(ValueError):
-    """Profiles missing or inconsistent for what is asked (names the scenario, kind and variant)."""
+class ProfileError(BadInputError):
+    """Profiles missing or inconsistent for what is asked (names the scenario, kind and variant): exit 2."""
+
+
+class UnstableProfileError(ProfileError):
+    """A measured profile whose timings never came within the allowed spread: its numbers are noise."""
 
 
 @dataclass(frozen=True)
@@ -150,13 +161,61 @@ class ScenarioProfile:
         return got
 
 
-def load_scenario_profile(store: Store, scenario: str) -> ScenarioProfile:
-    """Read every ``profile/<scenario>/*.json`` of a run's store."""
+def unstable(rec: dict[str, Any], max_rel_spread: float | None = None) -> bool:
+    """True for a measured record whose worst timing spread is above ``max_rel_spread`` (default: the
+    bound it was measured under, i.e. its own ``stable`` flag). Estimates, no_op records and records
+    from before the check have nothing to judge."""
+    st = rec.get("stability")
+    if not st or not st.get("measured"):
+        return False
+    if max_rel_spread is None:
+        return not st["stable"]
+    return float(st["rel_spread"]) > max_rel_spread
+
+
+def _unit_of(rec: dict[str, Any]) -> str:
+    sc = rec["scenario"]["name"]
+    return json.dumps({"id": f"{sc}.{rec['variant']}", "scenario": sc, "kind": rec["kind"], "variant": rec["variant"]})
+
+
+def check_stable(records: Sequence[dict[str, Any]], max_rel_spread: float | None, run_uri: str) -> None:
+    """Refuse (UnstableProfileError, exit 2) any measured record that never came within the bound; the
+    message names each one (scenario, variant, measured spread, bound) and the way out."""
+    bad = [r for r in records if unstable(r, max_rel_spread)]
+    if not bad:
+        return
+    lines = []
+    for r in bad:
+        st = r["stability"]
+        bound = max_rel_spread if max_rel_spread is not None else float(st["max_rel_spread"])
+        lines.append(
+            f"scenario {r['scenario']['name']!r}, variant {r['variant']!r}: its {st['worst']} timing has spread "
+            f"(p90 - p10) / median = {float(st['rel_spread']):.3g} after {st['attempts']} attempt(s), above "
+            f"profile.max_rel_spread = {bound:.3g}; re-run it on a quieter machine: puzzle step profile "
+            f"--run {run_uri} --unit '{_unit_of(r)}' --force"
+        )
+    raise UnstableProfileError(
+        f"{len(bad)} profile(s) were never stable, so their timings cannot be trusted: " + "; ".join(lines)
+        + ". Or, if this machine is never quieter, raise profile.max_rel_spread (puzzle run --resume --redo)"
+    )
+
+
+def load_scenario_profile(store: Store, scenario: str, max_rel_spread: float | None = None,
+                          check: bool = True) -> ScenarioProfile:
+    """Read every ``profile/<scenario>/*.json`` of a run's store.
+
+    With ``check`` (default) a measured record that never came within the allowed spread is refused
+    (:class:`UnstableProfileError`): ``max_rel_spread`` (the run's ``profile.max_rel_spread``) or, when
+    None, the bound each record was measured under.
+    """
     keys = [k for k in store.list(profile_prefix(scenario)) if k.endswith(".json")]
     if not keys:
         raise ProfileError(f"scenario {scenario!r}: no profiles under {profile_prefix(scenario)}/; run the profile "
                            "step first")
-    return ScenarioProfile([store.get_json(k) for k in sorted(keys)])
+    records = [store.get_json(k) for k in sorted(keys)]
+    if check:
+        check_stable(records, max_rel_spread, store.uri)
+    return ScenarioProfile(records)
 
 
 def variant_costs(profile: ScenarioProfile, kind: str, name: str) -> dict[str, Any]:

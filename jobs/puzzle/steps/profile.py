@@ -8,6 +8,12 @@ absent here it writes the roofline estimate instead, marked ``"estimate": true``
 config.json is read: variants are timed with random weights of the right shapes, since time does not
 depend on the values.
 
+Each timing whose spread is above ``profile.max_rel_spread`` is taken again (``profile.attempts``); the
+record carries its ``stability`` and solve refuses one that never came within the bound. With
+``profile.reuse`` (default) the unit first looks in the profile cache beside the runs
+(``profiles/<digest>/``, :mod:`puzzle.profiling.cache`) and copies a stable record an earlier run
+measured on the same device, shapes and settings; what it measures itself, stable, it adds there.
+
 Run one unit by hand::
 
     puzzle step profile --run file://./runs/tiny-... --unit '{"id": "cpu-b8.attn_g4", "scenario": "cpu-b8",
@@ -20,9 +26,12 @@ import logging
 
 from puzzle import layout
 from puzzle.context import StepContext
-from puzzle.errors import UnitError
+from puzzle.errors import ConfigError, UnitError
 from puzzle.model import ModelConfig, ModelLoadError, parent_config
-from puzzle.profiling.profiler import parse_variant, profile_unit
+from puzzle.profiling.cache import profile_unit_cached
+from puzzle.profiling.profiler import parse_variant
+from puzzle.run import runs_root_uri
+from puzzle.store import Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,17 @@ def _parent_config(ctx: StepContext) -> ModelConfig:
         return parent_config(ctx.parent_dir())
     except ModelLoadError as err:
         raise UnitError(f"parent.uri: cannot read the parent's config.json ({err})") from None
+
+
+def _cache_root(ctx: StepContext) -> Store | None:
+    """The store that holds the runs (the profile cache lives there), or None when reuse is off."""
+    if not ctx.config.profile.reuse:
+        return None
+    try:
+        return open_store(runs_root_uri(ctx.run_uri), ctx.config.store)
+    except ConfigError as err:  # a run at the root of a bucket has no folder beside it
+        log.warning("profile cache off for this unit: %s", err)
+        return None
 
 
 def run(ctx: StepContext) -> None:
@@ -49,12 +69,21 @@ def run(ctx: StepContext) -> None:
         parse_variant(unit["kind"], unit["variant"], cfg)
     except ValueError as err:
         raise UnitError(f"unit {unit['id']!r}: {err}") from None
-    rec = profile_unit(cfg, unit["kind"], unit["variant"], scenario, ctx.config.profile, seed=ctx.config.seed)
+    rec = profile_unit_cached(cfg, unit["kind"], unit["variant"], scenario, ctx.config.profile, _cache_root(ctx),
+                              seed=ctx.config.seed, origin={"run": ctx.run_id, "unit": ctx.unit_id})
     ctx.store.put_json(layout.profile_key(scenario.name, unit["variant"]), rec)
     labels = {"scenario": scenario.name, "variant": unit["variant"], "estimate": str(rec["estimate"]).lower()}
     ctx.metrics.set("profile_prefill_seconds", rec["prefill_s"],
                     help="Prefill of the scenario's batch through one block of this variant", **labels)
     ctx.metrics.set("profile_decode_seconds", rec["decode_s"],
                     help="All decode steps of one generation through one block of this variant", **labels)
+    ctx.metrics.set("profile_rel_spread", float(rec["stability"].get("rel_spread", 0.0)),
+                    help="Worst (p90 - p10) / median of the unit's timings (0 when nothing was measured)", **labels)
+    how = "estimate" if rec["estimate"] else ("reused " + rec["reused"]["from"] if rec.get("reused") else rec["device"])
     log.info("profile %s/%s: prefill %.3g s, decode %.3g s (%s)", scenario.name, unit["variant"],
-             rec["prefill_s"], rec["decode_s"], "estimate" if rec["estimate"] else rec["device"])
+             rec["prefill_s"], rec["decode_s"], how)
+    if not rec["stability"]["stable"]:
+        st = rec["stability"]
+        log.warning("profile %s/%s: never stable: %s spread %.0f%% after %d attempts (bound %.0f%%); solve will "
+                    "refuse it; re-run this unit with --force on a quieter machine", scenario.name, unit["variant"],
+                    st["worst"], st["rel_spread"] * 100, st["attempts"], st["max_rel_spread"] * 100)

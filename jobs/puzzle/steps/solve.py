@@ -1,9 +1,9 @@
 """solve: pick one variant per layer with the MIP, sweep the Pareto front, plan the children to build.
 
 Reads ``plan/variants.json``, the replace_one_block_scores (``scores/<layer>/<variant>.json``) and the
-profiles of every scenario (``profile/<scenario>/``), builds the search problem for
-:mod:`puzzle.solver` (decoupled: an attention and an FFN slot per layer; coupled: one block slot),
-and writes:
+profiles of every scenario (``profile/<scenario>/``; a measured profile whose spread never came within
+``profile.max_rel_spread`` is refused, exit 2), builds the search problem for :mod:`puzzle.solver`
+(decoupled: an attention and an FFN slot per layer; coupled: one block slot), and writes:
 
 - ``solve/solutions.json``: ``num_solutions`` diverse children (block_configs, predicted throughput,
   memory and speedup per scenario, objective, solver status, gap, seconds);
@@ -186,7 +186,10 @@ def layer_drop_baselines(ctx, profiles, variants, target_sc: str, target_tps: fl
 def run(ctx: StepContext) -> None:
     cfg = ctx.config
     started = time.time()
-    profiles = {sc.name: load_scenario_profile(ctx.store, sc.name) for sc in cfg.profile.scenarios}
+    # Profiles whose timings never came within profile.max_rel_spread are refused here (exit 2): a child
+    # chosen from a timing taken while the worker was paused is chosen by the noise.
+    profiles = {sc.name: load_scenario_profile(ctx.store, sc.name, cfg.profile.max_rel_spread)
+                for sc in cfg.profile.scenarios}
     problem = build_problem(ctx, profiles)
     variants = ctx.store.get_json(layout.VARIANTS_PLAN)
     n_layers = len(variants["parent"])
