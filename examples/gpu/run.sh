@@ -13,8 +13,9 @@ if [ ! -f "$here/parent/model.safetensors" ]; then
   puzzle parent train-tiny --out "$here/parent" --device cuda --no-progress \
     --hidden-size 768 --num-hidden-layers 12 --num-attention-heads 12 --num-key-value-heads 4 \
     --intermediate-size 2048 --vocab-size 1024 --max-position-embeddings 2048 \
-    --seq-len 512 --batch-size 32 --steps 1500 --lr 1e-3 --warmup-steps 50 --threads 8 > "$here/parent.log"
+    --seq-len 512 --batch-size 32 --steps 800 --lr 1e-3 --warmup-steps 40 --threads 8 > "$here/parent.log"
 fi
+echo "parent ready in $(( $(date +%s) - start )) s" >&2
 if [ ! -f "$here/data/train.txt" ]; then
   puzzle parent corpus --out "$here/data" --train-chars 12000000 --valid-chars 1000000
 fi
