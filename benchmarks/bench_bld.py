@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -63,7 +62,7 @@ from puzzle.model import (
     save_pretrained,
 )
 from puzzle.model.streaming import ParentLayers
-from puzzle.planning import bld_seconds, plan_stages, trained_blocks
+from puzzle.planning import bld_step_seconds, plan_stages, trained_blocks
 from puzzle.run import create_run
 from puzzle.store import open_store
 from puzzle.training import Part, Schedule, Trainer, adamw
@@ -291,7 +290,7 @@ def bench_library(args: argparse.Namespace) -> dict:
     B, T = (2, 64) if smoke else (args.batch_size, args.seq_len)
     peak = float("nan") if smoke else matmul_peak_tflops()
     cfg = ModelConfig(block_configs=[block] * layers, **shape)
-    root = Path(tempfile.mkdtemp(prefix="bench-bld-lib-"))
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-bld-lib-"))
     parent_dir = root / "parent"
     t = time.time()
     random_parent(cfg, device.type, torch.bfloat16 if not smoke else torch.float32, parent_dir)
@@ -306,25 +305,39 @@ def bench_library(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     seqs = torch.from_numpy(rng.integers(0, cfg.vocab_size, (max(4 * B, 8), T)).astype(np.int64))
     tdt = torch.bfloat16 if not smoke else torch.float32
+    # components and the old units with the whole parent resident; each stage as its plan says
     parent = ParentLayers(parent_dir, cfg, tdt, device, resident=range(layers), host_cache_bytes=0)
     tokens_per_step = B * T
     per_m = 1e6 / tokens_per_step  # steps per million tokens
 
     # after: every planned stage, measured
     after = []
+    parent.close()
+    del parent
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     for p in stages:
         entries = [(i, n) for i in range(p.start, p.end) for n in trained_blocks(config, cfg, attention, ffns, i)
                    if n in p.blocks]
-        r = time_stage(parent, config, entries, seqs, device, args.steps)
-        est = bld_seconds(p, config) / math.ceil(config.bld.tokens / tokens_per_step) if not smoke else float("nan")
+        staged = ParentLayers(parent_dir, cfg, tdt, device, resident=p.resident_layers,
+                              host_cache_bytes=int(args.host_cache_gib * 2**30))
+        r = time_stage(staged, config, entries, seqs, device, args.steps, warmup=args.warmup)
+        r["streamed_layers"] = p.streamed_layers
+        staged.close()
+        del staged
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        est = bld_step_seconds(p, config) if not smoke else float("nan")
         after.append({"stage": p.id, "entries": len(entries), **r, "planned_gib": p.memory_bytes / 2**30,
                       "estimated_step_s": est, "flops_per_token": p.flops_per_token,
                       "mfu": (p.flops_per_token * tokens_per_step / r["step_s"] / 1e12) / peak})
         print(f"after {p.id}: {r['step_s']:.3f} s/step, peak {r['peak_gib']:.1f} GiB "
-              f"(planned {p.memory_bytes / 2**30:.1f}), estimate {est:.3f} s", file=sys.stderr)
+              f"(planned {p.memory_bytes / 2**30:.1f}), {p.streamed_layers} layers streamed, "
+              f"estimate {est:.3f} s", file=sys.stderr)
     after_s = per_m * sum(a["step_s"] for a in after)
 
     # components: one parent layer forward, each variant trained alone
+    parent = ParentLayers(parent_dir, cfg, tdt, device, resident=range(layers), host_cache_bytes=0)
     layer_fwd = time_parent_layer(parent, seqs, B, device)
     variants = trained_blocks(config, cfg, attention, ffns, 0)
     alone = {n: time_block_alone(n, cfg, config, device, B, T) for n in variants}
@@ -357,12 +370,12 @@ def bench_library(args: argparse.Namespace) -> dict:
           f"floor {floor_s:,.0f} GPU-s")
     print(f"after/floor {after_s / floor_s:.2f} (goal <= 1.5), before/floor {before_s / floor_s:.1f}, "
           f"speedup {before_s / after_s:.1f}x")
-    print("| stage | blocks | s/step | estimated s/step | est/meas | peak GiB | planned GiB | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| stage | blocks | streamed layers | s/step | estimated s/step | est/meas | peak GiB | planned GiB | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for a in after:
-        print(f"| {a['stage']} | {a['entries']} | {a['step_s']:.3f} | {a['estimated_step_s']:.3f} | "
-              f"{a['estimated_step_s'] / a['step_s']:.2f} | {a['peak_gib']:.1f} | {a['planned_gib']:.1f} | "
-              f"{a['mfu']:.1%} |")
+        print(f"| {a['stage']} | {a['entries']} | {a['streamed_layers']} | {a['step_s']:.3f} | "
+              f"{a['estimated_step_s']:.3f} | {a['estimated_step_s'] / a['step_s']:.2f} | {a['peak_gib']:.1f} | "
+              f"{a['planned_gib']:.1f} | {a['mfu']:.1%} |")
     parent.close()
     return out
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 from puzzle.data.corpus import read_documents
-from puzzle.data.tasks import evaluate_exact_match, hf_generate_fn, scan_task_examples
+from puzzle.data.tasks import evaluate_exact_match, scan_task_examples
+from puzzle.generation import HFTextGenerator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,7 @@ def main() -> None:
         "valid_perplexity_episodes": perplexity(model, tokenizer, episodes, args.seq_len, args.device),
         "valid_perplexity_filler": perplexity(model, tokenizer, filler, args.seq_len, args.device),
     }
-    generate = hf_generate_fn(model, tokenizer)
+    generate = HFTextGenerator(model, tokenizer, batch_size=32)
     for part in ("valid", "test"):
         items = scan_task_examples(args.n, args.seed, split="template", part=part)
         r = evaluate_exact_match(generate, items, batch_size=32)

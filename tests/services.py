@@ -286,7 +286,8 @@ def pushgateway() -> Iterator[Pushgateway]:
     )
     if binary is None:
         pytest.fail(
-            f"{PUSHGATEWAY_BIN} is missing; install it with `apt-get install prometheus-pushgateway`",
+            f"{PUSHGATEWAY_BIN} is missing; install the test services with `sh tests/install-services.sh` "
+            "(the README's test command runs it)",
             pytrace=False,
         )
     workdir = Path(tempfile.mkdtemp(prefix="puzzle-pushgateway-"))

@@ -210,10 +210,15 @@ def test_bad_units_are_refused_with_the_field(tmp_path):
                                    "block_configs": [{"attention": "attn_g2", "ffn": "ffn_m2.0"}, PARENT[1]]})
 
 
-def test_replace_with_linear_under_vllm_serving_is_an_error(tmp_path):
-    run = make_run(tmp_path, serving="vllm")
-    with pytest.raises(UnitError, match=r"serving: 'vllm' cannot load replace_with_linear.*layer 1 attn_linear"):
-        run_step("assemble", run, unit(run, "sol-0"))
+def test_a_unit_the_serving_engines_cannot_load_is_an_error(tmp_path):
+    # llama.cpp has linear attention but no linear FFN (puzzle.serving); this parent's head size (8) is
+    # none vLLM or TensorRT-LLM runs, so llama.cpp is the engine a refused unit can be planned for here
+    run = make_run(tmp_path, serving="llamacpp")
+    sol = [{"attention": "attn_linear", "ffn": "ffn_i160"}, {"attention": "attn_g2", "ffn": "ffn_linear"}]
+    bad = {"id": "sol-0", "kind": "puzzle", "block_configs": sol, "predicted": units()[1]["predicted"]}
+    with pytest.raises(UnitError, match=r"search_space\.serving: \['llamacpp'\] cannot load unit sol-0: "
+                                         r"block_configs\[1\]\.ffn\.replace_with_linear: value true breaks llamacpp's rule"):
+        run_step("assemble", run, bad)
     assert not open_store(run).exists("child/sol-0/complete.json")
 
 

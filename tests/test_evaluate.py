@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from puzzle.config import ConfigError
 from puzzle.context import run_step
 from puzzle.errors import UnitError
-from puzzle.evaluation import DeciTextGenerator, compare_to_parent, lm_eval_results, load_task_spec
+from puzzle.evaluation import compare_to_parent, lm_eval_results, load_task_spec
+from puzzle.generation import DeciTextGenerator
 from puzzle.model import load_parent
 from puzzle.store import open_store
 from test_assemble import make_run, unit
@@ -60,6 +61,14 @@ def test_evaluate_writes_every_figure(evaluated):
         res = r["icl"]["results"]["scan:template"]
         assert set(res) == {"random", "topk", "cover_ls"} and all(v["n"] == 2 for v in res.values())
         assert all("records" not in v for v in res.values()), "per-item records stay out of report.json"
+        assert r["icl"]["selection"] == "paper" and r["icl"]["structure_predictor"] == "parent"
+        assert all(len(v["ci95"]) == 2 and v["ci95"][0] <= v["accuracy"] <= v["ci95"][1] for v in res.values())
+    # the parent sets the prompt budget of every unit, and its demonstrations are the same for both
+    assert p["icl"]["prompt_budget"] == c["icl"]["prompt_budget"]
+    for m in ("random", "topk", "cover_ls"):
+        pm, cm = p["icl"]["results"]["scan:template"][m], c["icl"]["results"]["scan:template"][m]
+        assert (pm["mean_demonstrations"], pm["mean_structure_coverage"]) == (
+            cm["mean_demonstrations"], cm["mean_structure_coverage"])
         assert r["lm_eval"] is None
     prom = store.get_text("metrics/evaluate-sol-0.prom")
     assert "puzzle_eval_kl{" in prom and "puzzle_eval_tokens_per_s{" in prom

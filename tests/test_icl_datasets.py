@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import pytest
 from puzzle.data import scan
+from puzzle.data.geo import atoms, compounds, funql_split
 from puzzle.data.prompts import exact_match
 from puzzle.icl.datasets import (
     GEO_SPLITS,
-    atoms,
-    compounds,
-    funql_split,
     geo_items,
     load_dataset,
     parse_geo_target,
     scan_program,
     scan_program_of_actions,
 )
-from puzzle.icl.structures import anonymize, local_structures
+from puzzle.icl.structures import anonymize, fragment_structures
 
 
 @pytest.mark.parametrize("split", GEO_SPLITS)
@@ -49,12 +47,12 @@ def test_geo_compound_split_every_test_program_has_an_unseen_compound():
 def test_scan_template_split_is_compositional():
     d = load_dataset("scan:template")
     key = next(
-        s for s in local_structures(scan_program("walk around right"), 2) if s.text == "around(_, right)"
+        s for s in fragment_structures(scan_program("walk around right"), 2) if s.text == "around(_, right)"
     )
     # Programs are disjoint; action sequences may not be ("jump right" x4 == "jump around right").
     assert not {str(it.program_tree) for it in d.train} & {str(it.program_tree) for it in d.test}
-    assert all(key in local_structures(it.program_tree, 2) for it in d.test)
-    assert not any(key in local_structures(it.program_tree, 2) for it in d.train)
+    assert all(key in fragment_structures(it.program_tree, 2) for it in d.test)
+    assert not any(key in fragment_structures(it.program_tree, 2) for it in d.train)
     train_atoms = set().union(*(atoms(it.program_tree) for it in d.train))
     assert set().union(*(atoms(it.program_tree) for it in d.test)) <= train_atoms
 

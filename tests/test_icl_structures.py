@@ -1,4 +1,5 @@
-"""Local structures of hand-worked program trees (exact expected sets) and the program parser."""
+"""Local structures of hand-worked program trees in both modes (exact expected sets), atoms of program texts,
+the repair of predicted programs, and the program parser."""
 
 from __future__ import annotations
 
@@ -8,11 +9,116 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from puzzle.icl.datasets import scan_program
-from puzzle.icl.structures import Structure, Tree, anonymize, local_structures, parse_program
+from puzzle.icl.structures import (
+    Structure,
+    Tree,
+    anonymize,
+    fragment_structures,
+    local_structures,
+    parse_program,
+    program_atoms,
+    repair_parentheses,
+)
 
 
 def texts(tree: Tree, max_size: int) -> set[str]:
-    return {s.text for s in local_structures(tree, max_size)}
+    return {s.text for s in fragment_structures(tree, max_size)}
+
+
+def paper(tree: Tree, n: int) -> dict[str, int]:
+    return {s.text: s.size for s in local_structures(tree, n)}
+
+
+# ------------------------------------------------------------------ paper mode (the authors' definition)
+
+
+def test_paper_structures_of_around_walk_right_by_hand():
+    # <s> -> around -> (walk, right). around: ancestors (<s>); walk: (<s>, around); right: (<s>, around) and
+    # its left sibling walk. Each takes its j nearest ancestors and m nearest left siblings, j + m + 1 <= 3.
+    assert paper(parse_program("around(walk,right)"), 3) == {
+        "around": 1, "walk": 1, "right": 1,
+        "p:<s> c:around": 2,
+        "p:around c:walk": 2, "p:<s> p:around c:walk": 3,
+        "p:around c:right": 2, "p:<s> p:around c:right": 3,
+        "s:walk c:right": 2, "p:around s:walk c:right": 3,
+    }
+
+
+def test_paper_structures_of_a_scan_command_by_hand():
+    t = parse_program("and(twice(around(walk,right)),jump)")
+    got = paper(t, 30)
+    want = {
+        # atoms
+        "and": 1, "twice": 1, "around": 1, "walk": 1, "right": 1, "jump": 1,
+        "p:<s> c:and": 2,
+        "p:and c:twice": 2, "p:<s> p:and c:twice": 3,
+        "p:twice c:around": 2, "p:and p:twice c:around": 3, "p:<s> p:and p:twice c:around": 4,
+        "p:around c:walk": 2, "p:twice p:around c:walk": 3, "p:and p:twice p:around c:walk": 4,
+        "p:<s> p:and p:twice p:around c:walk": 5,
+        "p:around c:right": 2, "p:twice p:around c:right": 3, "p:and p:twice p:around c:right": 4,
+        "p:<s> p:and p:twice p:around c:right": 5,
+        "s:walk c:right": 2, "p:around s:walk c:right": 3, "p:twice p:around s:walk c:right": 4,
+        "p:and p:twice p:around s:walk c:right": 5, "p:<s> p:and p:twice p:around s:walk c:right": 6,
+        # jump's left sibling is the argument before it, named by its top symbol: twice
+        "p:and c:jump": 2, "p:<s> p:and c:jump": 3,
+        "s:twice c:jump": 2, "p:and s:twice c:jump": 3, "p:<s> p:and s:twice c:jump": 4,
+    }
+    assert got == want
+    # a size limit n keeps exactly the structures of at most n nodes; n = 1 leaves the atoms
+    assert paper(t, 3) == {k: v for k, v in want.items() if v <= 3}
+    assert paper(t, 1) == {k: 1 for k, v in want.items() if v == 1}
+
+
+def test_paper_structures_take_the_nearest_siblings_and_never_branch():
+    got = paper(parse_program("p(a,b,c)"), 30)
+    assert {"s:b c:c", "s:a s:b c:c", "p:p s:a s:b c:c", "p:<s> p:p s:a s:b c:c"} <= set(got)
+    assert "s:a c:c" not in got, "the m siblings are the m nearest"
+    assert "p:<s> s:b c:c" not in got, "the j ancestors are the j nearest"
+    assert not any("(" in k or "_" in k for k in got), "no branching, no argument slots"
+    got = paper(parse_program("f(g(x),y)"), 30)
+    assert "s:g c:y" in got and not any("s:x" in k for k in got), "a sibling is the top of the argument before"
+
+
+def test_paper_structures_write_values_quoted_and_anonymize_to_v():
+    t = parse_program("answer(loc_2(stateid('texas')))")
+    raw = paper(t, 30)
+    assert "'texas'" in raw and "p:stateid c:'texas'" in raw
+    anon = paper(anonymize(t), 30)
+    assert "'<v>'" in anon and "p:loc_2 p:stateid c:'<v>'" in anon and not any("texas" in k for k in anon)
+    assert local_structures(anonymize(t)) == local_structures(anonymize(parse_program("answer(loc_2(stateid('ohio')))")))
+    with pytest.raises(ValueError, match="max_structure_size: value 0"):
+        local_structures(t, 0)
+
+
+def test_program_atoms_come_from_the_text_even_when_it_does_not_parse():
+    assert program_atoms("answer(count(river(loc_2(stateid('texas')))))") == [
+        "'texas'", "answer", "count", "loc_2", "river", "stateid"]
+    assert program_atoms("answer(count(") == ["answer", "count"]
+    assert program_atoms("answer(state(all) river") == ["all", "answer", "river", "state"]
+    assert program_atoms("cityid('new york', _)") == ["'new york'", "_", "cityid"]
+    assert program_atoms("stateid('tex") == ["'tex", "stateid"], "a value cut off by the answer budget"
+    assert program_atoms("") == []
+    # the atoms of a program that parses are its node symbols
+    t = parse_program("answer(count(river(all)))")
+    assert program_atoms(str(t)) == sorted(s.text for s in local_structures(t) if s.size == 1)
+
+
+@pytest.mark.parametrize(
+    ("beam", "repaired"),
+    [
+        ("answer(count(river(all)", "answer(count(river(all)))"),  # missing ) appended
+        ("answer(river(all)))))", "answer(river(all))"),  # surplus ) removed from the end
+        ("answer(river(all)).", "answer(river(all))"),  # the trailing dot goes first
+        (" answer(all)) ) ", "answer(all)"),
+        ("answer(x)) y", "answer(x)) y"),  # a surplus not at the end stays (and does not parse)
+        ("answer(river(all))", "answer(river(all))"),
+    ],
+)
+def test_repair_parentheses(beam, repaired):
+    assert repair_parentheses(beam) == repaired
+
+
+# ------------------------------------------------------------------ fragments mode (this project's variant)
 
 
 def test_scan_around_right_exact_set():
@@ -30,7 +136,7 @@ def test_scan_around_right_exact_set():
 
 def test_sizes_are_node_counts_and_grow_with_max_size():
     t = parse_program("twice(around(walk,right))")
-    got = local_structures(t, 4)
+    got = fragment_structures(t, 4)
     assert {s.text: s.size for s in got} == {
         "twice": 1,
         "around": 1,
@@ -45,7 +151,7 @@ def test_sizes_are_node_counts_and_grow_with_max_size():
         "around(walk, right)": 3,
         "twice(around(walk, right))": 4,
     }
-    assert {s for s in got if s.size <= 2} == local_structures(t, 2)
+    assert {s for s in got if s.size <= 2} == fragment_structures(t, 2)
     assert texts(t, 1) == {"twice", "around", "walk", "right"}
 
 
@@ -93,7 +199,7 @@ def test_values_are_anonymized():
     assert "<v>" in got and "stateid(<v>)" in got
     assert not any("texas" in s for s in got)
     other = parse_program("answer(river(loc_2(stateid('ohio'))))")
-    assert local_structures(t, 4) == local_structures(other, 4)
+    assert fragment_structures(t, 4) == fragment_structures(other, 4)
     assert str(anonymize(t)) == "answer(river(loc_2(stateid('<v>'))))"
 
 
@@ -117,7 +223,7 @@ def test_parse_round_trip_and_errors():
 
 def test_max_size_must_be_positive():
     with pytest.raises(ValueError, match="max_size: value 0"):
-        local_structures(Tree("a"), 0)
+        fragment_structures(Tree("a"), 0)
 
 
 def test_structure_is_sortable_tuple():
@@ -198,4 +304,4 @@ def _brute_force(tree: Tree, max_size: int) -> set[Structure]:
 
 @given(_trees(), st.integers(1, 4))
 def test_local_structures_equal_brute_force_enumeration(tree, max_size):
-    assert local_structures(tree, max_size) == _brute_force(tree, max_size)
+    assert fragment_structures(tree, max_size) == _brute_force(tree, max_size)

@@ -41,6 +41,7 @@ from puzzle.model import (
     save_pretrained,
     variant_from_name,
 )
+from puzzle.model.io import CONFIG_MODULE_SOURCE
 from puzzle.model.variants import block_config_from_json
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -268,6 +269,8 @@ def test_saved_config_and_weight_names_match_golden(tmp_path):
     assert got == want
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 1
+    # the configuration module auto_map names, our own file (tests/test_serving.py loads it with transformers)
+    assert (out / "configuration_decilm.py").read_bytes() == CONFIG_MODULE_SOURCE.read_bytes()
     # the golden config itself loads, with the same variants
     cfg = ModelConfig.from_json_file(GOLDEN / "nemotron_nas_config.json")
     assert [b.name for b in cfg.block_configs] == [
@@ -290,8 +293,10 @@ def test_malformed_block_configs_name_layer_and_field(edit, match):
 
 
 def test_serving_vllm_refuses_linear_blocks(tmp_path):
-    with pytest.raises(ValueError, match=r"serving: 'vllm' cannot load replace_with_linear .*layer 1 attention, layer 2 ffn"):
+    with pytest.raises(ValueError, match=r"block_configs\[1\]\.attention\.replace_with_linear: value true breaks "
+                                         r"vllm's rule .*block_configs\[2\]\.ffn\.replace_with_linear"):
         save_pretrained(_golden_child(), tmp_path / "v", serving="vllm")
+    assert not (tmp_path / "v").exists()  # refused before anything is written
 
 
 def test_variant_names_round_trip():
@@ -305,18 +310,23 @@ def test_variant_names_round_trip():
         variant_from_name("ffn_x2", 64)
 
 
-def test_expand_search_space_checks_and_vllm(parent, tmp_path):
+def test_expand_search_space_checks_and_serving(parent, tmp_path):
     _, _, p = parent
     with pytest.raises(ConfigError, match=r"n_heads_in_group: value\(s\) \[3\].*allowed: \[1, 2, 4, 8\]"):
         expand_search_space(SearchSpaceConfig.model_validate({"attention": {"n_heads_in_group": [2, 3]}}), p.config)
-    vllm = SearchSpaceConfig.model_validate({"serving": "vllm", "attention": {"replace_with_linear": False},
-                                            "ffn": {"replace_with_linear": False}})
-    # a nemotron-nas parent that itself has linear blocks: its own linear variants are excluded for vLLM
+    # a nemotron-nas parent that itself has linear blocks: its own linear FFN is excluded for llama.cpp
+    # (no linear FFN there), its linear attention kept (llama.cpp has one)
     golden_parent = _golden_child().config
-    attn, ffn = expand_search_space(vllm, golden_parent)
-    assert not any(v.replace_with_linear for v in attn + ffn)
+    llamacpp = SearchSpaceConfig.model_validate({"serving": ["llamacpp"], "ffn": {"replace_with_linear": False}})
+    attn, ffn = expand_search_space(llamacpp, golden_parent)
+    assert AttentionVariant.linear() in attn and not any(v.replace_with_linear for v in ffn)
     attn, ffn = expand_search_space(SearchSpaceConfig(), golden_parent)
     assert AttentionVariant.linear() in attn and FFNVariant.linear() in ffn
+    # its head size (64 / 8 = 8) is none vLLM runs
+    vllm = SearchSpaceConfig.model_validate({"serving": "vllm", "attention": {"replace_with_linear": False},
+                                            "ffn": {"replace_with_linear": False}})
+    with pytest.raises(ConfigError, match=r"parent\.uri: value head_dim 8 breaks vllm's rule"):
+        expand_search_space(vllm, golden_parent)
 
 
 # ----- initialization ----------------------------------------------------------------------------------
@@ -557,35 +567,3 @@ def test_save_copies_tokenizer_files(tmp_path):
     assert Tokenizer.from_file(str(out / "tokenizer.json")).encode("a b").ids == [0, 1]
     with pytest.raises(ModelLoadError, match="holds none of"):
         save_pretrained(_golden_child(), tmp_path / "no_tok", tokenizer_dir=tmp_path / "no_tok")
-
-
-def test_serving_vllm_sizes_ffns_the_way_vllm_does():
-    """vLLM ignores intermediate_size and sizes FFNs from ffn_mult; a vllm search space must match that."""
-    from puzzle.config import SearchSpaceConfig
-    from puzzle.model import ModelConfig, expand_search_space, vllm_intermediate_size
-    from puzzle.model.variants import AttentionVariant, BlockConfig, FFNVariant
-
-    parent = ModelConfig(vocab_size=64, hidden_size=192, num_attention_heads=8,
-                         block_configs=[BlockConfig(AttentionVariant.gqa(2), FFNVariant.exact(512))] * 2)
-    space = SearchSpaceConfig.model_validate({"serving": "vllm", "attention": {"replace_with_linear": False},
-                                              "ffn": {"ffn_mult": [1.0, 3.0], "replace_with_linear": False}})
-    _, ffn = expand_search_space(space, parent)
-    sized = {v.ffn_mult: v.intermediate_size for v in ffn if v.ffn_mult is not None}
-    # 1.0 -> round_up(128, 256) = 256; 3.0 -> round_up(384, 256) = 512, the parent's own size, so it is
-    # the parent's variant and not listed twice
-    assert vllm_intermediate_size(3.0, 192) == 512
-    assert sized == {1.0: 256}
-
-
-def test_saving_for_vllm_refuses_ffn_sizes_vllm_cannot_rebuild(tmp_path):
-    from puzzle.model import DeciLMForCausalLM, ModelConfig, save_pretrained
-    from puzzle.model.variants import AttentionVariant, BlockConfig, FFNVariant
-
-    ok = BlockConfig(AttentionVariant.gqa(2), FFNVariant.exact(512))
-    odd = BlockConfig(AttentionVariant.gqa(2), FFNVariant.exact(384))  # vLLM would build 512
-    cfg = ModelConfig(vocab_size=64, hidden_size=192, num_attention_heads=8, block_configs=[ok, odd])
-    model = DeciLMForCausalLM(cfg)
-    with pytest.raises(ValueError, match=r"layer 1 \(ffn_i384: 384\)"):
-        save_pretrained(model, tmp_path / "vllm", serving="vllm")
-    save_pretrained(model, tmp_path / "any", serving="any")
-    assert (tmp_path / "any" / "config.json").is_file()

@@ -37,7 +37,7 @@ UNITS = [
     {"id": "baseline-layer-drop", "kind": "layer_drop", "block_configs": DROP, "predicted": _pred(200.0, 2.0)},
 ]
 ICL = ("eval: {tokens: 256, task_examples: 4, measure_throughput: true, icl: {enabled: true, "
-       "methods: [random, cover_ls], structures: oracle, num_demonstrations: 2, num_test: 2}}")
+       "methods: [random, cover_ls], structure_predictor: oracle, num_demonstrations: 2, num_test: 2}}")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,8 @@ def test_report_json_has_every_figure(run, tmp_path):
         assert q["retention"] == (q["task_accuracy"] / pa if pa else None)
         assert {(r["method"], r["split"]) for r in m["icl"]} == {("random", "scan:template"),
                                                                  ("cover_ls", "scan:template")}
-        assert all(set(r) == {"method", "split", "parent", "child", "retention"} for r in m["icl"])
+        assert all(set(r) == {"selection", "method", "split", "parent", "child", "retention", "parent_ci95",
+                              "child_ci95"} and r["selection"] == "paper" for r in m["icl"])
         assert m["gkd"]["enabled"] and m["gkd"]["steps"] == 2, "baselines get the same GKD budget"
     sol = rep["solutions"][0]
     assert sol["objective"] == 0.42 and sol["status"] == "optimal"

@@ -111,9 +111,18 @@ def test_solve_returns_optimal_diverse_constraint_respecting_children(scored_run
     units = store.get_json("plan/assemble.json")
     ids = [u["id"] for u in units]
     assert ids[0] == "parent" and ids[1] == "sol-0"
-    assert {"baseline-uniform-ffn", "baseline-layer-drop"} <= set(ids)
-    drop = next(u for u in units if u["id"] == "baseline-layer-drop")
-    assert any(b == {"attention": "attn_noop", "ffn": "ffn_noop"} for b in drop["block_configs"])
+    # each baseline family brackets the child's predicted throughput: one setting below it, one at or above
+    target = sols[0]["predicted"]["cpu"]["tokens_per_s"]
+    for kind in ("uniform_ffn", "layer_drop"):
+        family = [u for u in units if u["kind"] == kind]
+        assert 1 <= len(family) <= 2 and all(u["description"] for u in family)
+        speeds = sorted(u["predicted"]["cpu"]["tokens_per_s"] for u in family)
+        if len(family) == 2:
+            assert speeds[0] < target <= speeds[1]
+    drops = [u for u in units if u["kind"] == "layer_drop"]
+    assert all(any(b == {"attention": "attn_noop", "ffn": "ffn_noop"} for b in u["block_configs"]) for u in drops)
+    assert [u["id"] for u in drops] == sorted(u["id"] for u in drops) and all(u["id"].startswith("baseline-drop-")
+                                                                              for u in drops)
 
 
 def test_infeasible_throughput_names_the_best_achievable(scored_run, tmp_path):
@@ -136,7 +145,8 @@ def test_task_accuracy_drop_matches_an_independently_built_child(tmp_path):
     """score.task_examples: the drop equals parent accuracy minus that of a child built by hand."""
     from pathlib import Path
 
-    from puzzle.evaluation import DeciTextGenerator, task_accuracy
+    from puzzle.evaluation import task_accuracy
+    from puzzle.generation import DeciTextGenerator
     from puzzle.model import AttentionVariant
 
     repo = Path(__file__).resolve().parents[1]

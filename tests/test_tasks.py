@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from puzzle.data import corpus, scan
 from puzzle.data.prompts import SEPARATOR
-from puzzle.data.tasks import TaskItem, evaluate_exact_match, scan_task_examples
+from puzzle.data.tasks import MAX_NEW_TOKENS, TaskItem, evaluate_exact_match, scan_task_examples
+from puzzle.generation import TextGenerator
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "tiny" / "data"
 SOURCE = re.compile(r"^source: (.*)$", re.MULTILINE)
@@ -158,29 +159,46 @@ def test_task_examples_reject_bad_input(kwargs, needle):
         scan_task_examples(**args)
 
 
+class Continuations:
+    """Test double for :class:`puzzle.generation.TextGenerator`: continues each prompt with ``answer(prompt)``,
+    so the exact-match bookkeeping is checked against known outputs (a model's are not controllable)."""
+
+    context_length = 1024
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.calls = []
+
+    def generate(self, prompts, max_new_tokens, num_beams=1, num_return_sequences=1):
+        self.calls.append((len(prompts), max_new_tokens, num_beams))
+        return [[self.answer(p)] for p in prompts][: self.keep(len(prompts))]
+
+    def keep(self, n):
+        return n
+
+    def count_tokens(self, texts):
+        return [len(t.split()) for t in texts]
+
+
 def test_exact_match_scores_parsed_continuations():
     items = scan_task_examples(12, seed=1, part="test")
-
-    def oracle(prompts):
-        # A continuation runs on past the answer line, as greedy generation may.
-        return [
-            " " + scan.interpret(p.rsplit("source: ", 1)[1].split("\n")[0]) + "\n\nsource: x" for p in prompts
-        ]
-
+    # A continuation runs on past the answer line, as greedy generation may.
+    oracle = Continuations(lambda p: " " + scan.interpret(p.rsplit("source: ", 1)[1].split("\n")[0]) + "\n\nsource: x")
+    assert isinstance(oracle, TextGenerator)
     r = evaluate_exact_match(oracle, items, batch_size=5)
     assert r == {"accuracy": 1.0, "n": 12, "correct": 12, "errors": []}
+    assert oracle.calls == [(5, MAX_NEW_TOKENS, 1), (5, MAX_NEW_TOKENS, 1), (2, MAX_NEW_TOKENS, 1)], "greedy, batched"
 
-    def first_action_only(prompts):
-        return [" I_WALK" for _ in prompts]
-
-    r = evaluate_exact_match(first_action_only, items)
+    r = evaluate_exact_match(Continuations(lambda p: " I_WALK"), items)
     assert r["correct"] == sum(it.gold == "I_WALK" for it in items)
     assert r["errors"] and r["errors"][0]["prediction"] == "I_WALK"
 
 
 def test_exact_match_rejects_a_generator_that_drops_prompts():
     items = [TaskItem((("walk", "I_WALK"),), "run", "I_RUN")] * 3
+    short = Continuations(lambda p: " I_RUN")
+    short.keep = lambda n: n - 1
     with pytest.raises(ValueError, match="2 continuations for 3 prompts"):
-        evaluate_exact_match(lambda ps: ps[:2], items)
+        evaluate_exact_match(short, items)
     with pytest.raises(ValueError, match="empty"):
-        evaluate_exact_match(lambda ps: ps, [])
+        evaluate_exact_match(Continuations(lambda p: ""), [])

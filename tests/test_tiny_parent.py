@@ -133,7 +133,8 @@ def test_committed_tokenizer_round_trips_the_prompt_format(committed_tokenizer):
 
 
 def test_committed_parent_is_small_safetensors_and_solves_held_out_items(committed_tokenizer):
-    from puzzle.data.tasks import evaluate_exact_match, hf_generate_fn, scan_task_examples
+    from puzzle.data.tasks import evaluate_exact_match, scan_task_examples
+    from puzzle.generation import HFTextGenerator
     from transformers import LlamaForCausalLM
 
     files = [p for p in PARENT.iterdir() if p.is_file()]
@@ -143,7 +144,7 @@ def test_committed_parent_is_small_safetensors_and_solves_held_out_items(committ
     model = LlamaForCausalLM.from_pretrained(PARENT).eval()
     cfg = model.config
     assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (8, 4)
-    generate = hf_generate_fn(model, committed_tokenizer)
+    generate = HFTextGenerator(model, committed_tokenizer, batch_size=6)
     for part in ("valid", "test"):  # test: compose `around right`, never seen, from demonstrations
         r = evaluate_exact_match(generate, scan_task_examples(6, seed=11, part=part), batch_size=6)
         assert r["correct"] > 0, (part, r["errors"])

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from puzzle.errors import ConfigError
+from puzzle.serving import messages as violation_messages
+from puzzle.serving import parse_serving, search_space_violations
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -84,20 +86,25 @@ class SearchSpaceConfig(_Strict):
     attention: AttentionSpace = Field(default_factory=AttentionSpace)
     ffn: FFNSpace = Field(default_factory=FFNSpace)
     include_parent: bool = Field(True, description="Keep the parent's own attention/FFN as a candidate per layer.")
-    serving: Literal["any", "vllm"] = Field(
-        "any",
-        description="'vllm': only variants vLLM's nemotron_nas loader can serve (no replace_with_linear).",
+    serving: list[Literal["any", "vllm", "sglang", "trtllm", "llamacpp"]] = Field(
+        default_factory=lambda: ["any"],
+        description="Engines the child must load in (the union of their rules is enforced; see puzzle.serving): "
+        "vllm and sglang (no replace_with_linear, FFN sizes on round_up(int(2*ffn_mult*hidden/3), 256), "
+        "their head sizes), trtllm (linear blocks allowed, the same FFN grid), llamacpp (no linear FFN), "
+        "or [any]. One name alone is read as a list of one.",
     )
+
+    @field_validator("serving", mode="before")
+    @classmethod
+    def _serving_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _serving(self) -> SearchSpaceConfig:
-        if self.serving == "vllm":
-            bad = [n for n, s in (("attention", self.attention), ("ffn", self.ffn)) if s.replace_with_linear]
-            if bad:
-                raise ValueError(
-                    f"serving: 'vllm' cannot load replace_with_linear blocks, but "
-                    f"{', '.join(f'{b}.replace_with_linear' for b in bad)} is true; set it to false or use serving: any"
-                )
+        self.__dict__["serving"] = parse_serving(self.serving)  # dedupe; 'any' must stand alone
+        bad = search_space_violations(self.serving, self.attention.replace_with_linear, self.ffn.replace_with_linear)
+        if bad:
+            raise ValueError(violation_messages(bad))
         return self
 
 
@@ -211,24 +218,75 @@ class AssembleConfig(_Strict):
 
 
 class ICLEvalConfig(_Strict):
-    enabled: bool = False
+    """In-context compositional generalization with diverse demonstrations (Levy, Bogin & Berant, ACL 2023)."""
+
+    enabled: bool = Field(False, description="Run the ICL benchmark in evaluate.")
+    selection: Literal["paper", "fragments"] = Field(
+        "paper",
+        description="paper: the authors' definitions (ancestor/sibling local structures, BM25 over program atoms, "
+        "k cut to the prompt budget); fragments: this project's earlier variant (branching fragments, utterance BM25).",
+    )
     methods: list[Literal["random", "topk", "cover_utt", "cover_ls"]] = Field(
-        default_factory=lambda: ["random", "topk", "cover_ls"]
+        default_factory=lambda: ["random", "topk", "cover_ls"], description="Demonstration selection methods to compare."
     )
     datasets: list[str] = Field(default_factory=lambda: ["scan:template"], description="dataset:split pairs.")
-    num_demonstrations: int = Field(8, ge=1)
-    num_test: int = Field(50, ge=1)
-    max_structure_size: int = Field(4, ge=1)
-    structures: Literal["predicted", "oracle"] = "predicted"
-    num_beams: int = Field(3, ge=1)
-    seed: int = 0
+    num_demonstrations: int | None = Field(
+        None, ge=1, description="k; default 24 (paper: least similar dropped until the prompt fits) or 8 (fragments)."
+    )
+    num_test: int = Field(50, ge=1, description="Test queries drawn (seeded) per dataset:split.")
+    max_structure_size: int | None = Field(
+        None, ge=1, description="Local-structure size limit n; default 30 (paper: ancestors + left siblings + node) "
+        "or 4 (fragments: nodes of a fragment).",
+    )
+    structure_predictor: Literal["parent", "model", "oracle"] = Field(
+        "parent",
+        description="Who predicts the test programs whose structures Cover-LS covers: the parent (the same for every "
+        "child), the model at predictor_uri, or the gold programs (oracle, for analysis).",
+    )
+    predictor_uri: str | None = Field(
+        None, description="structure_predictor 'model': a Hugging Face model directory (Llama or nemotron-nas), local or s3://."
+    )
+    max_context_tokens: int | None = Field(
+        None, ge=16, description="Tokens a prompt and its answer may take together; default (and at most) the "
+        "model's max_position_embeddings. Set it to the length the parent was trained on if that is shorter.",
+    )
+    num_beams: int = Field(3, ge=1, description="Beams of the predictor whose programs give the structures (the authors use 1, 3 or 5).")
+    seed: int = Field(0, description="Seed of the test sample and every random choice of the selection.")
+
+    @model_validator(mode="after")
+    def _predictor(self) -> ICLEvalConfig:
+        if self.structure_predictor == "model" and not self.predictor_uri:
+            raise ValueError("predictor_uri: required when structure_predictor is 'model' (a model directory)")
+        if self.structure_predictor != "model" and self.predictor_uri:
+            raise ValueError(
+                f"predictor_uri: {self.predictor_uri!r} is not allowed with structure_predictor "
+                f"{self.structure_predictor!r}; set structure_predictor: model"
+            )
+        return self
+
+    @property
+    def k(self) -> int:
+        """Demonstrations the selection picks (before the prompt-budget cut)."""
+        return self.num_demonstrations or (24 if self.selection == "paper" else 8)
+
+    @property
+    def structure_size(self) -> int:
+        """The local-structure size limit n of the selection mode."""
+        return self.max_structure_size or (30 if self.selection == "paper" else 4)
 
 
 class EvalConfig(_Strict):
     tokens: int = Field(8192, ge=1, description="Held-out tokens for KL and perplexity.")
     task_examples: int = Field(100, ge=0, description="Tiny-task (SCAN) exact-match examples (0: off).")
-    measure_throughput: bool = True
-    baselines: bool = Field(True, description="Also build uniform-FFN-shrink and layer-drop baselines.")
+    measure_throughput: bool = Field(True, description="Measure every model's tokens/s on each profile scenario "
+                                     "whose device is present, next to the throughput model's prediction.")
+    baselines: bool = Field(True, description="Also build and evaluate the uniform-FFN and layer-drop baselines "
+                            "(two settings each, bracketing the first solution's throughput).")
+    generation_batch_size: int = Field(16, ge=1, description="Prompts generated together (task exact match, ICL).")
+    icl_models: list[Literal["parent", "puzzle", "uniform_ffn", "layer_drop"]] = Field(
+        default_factory=lambda: ["parent", "puzzle", "uniform_ffn", "layer_drop"],
+        description="Which models' in-context learning eval.icl measures (by kind): the parent is needed for "
+        "retention; baselines can be left out to save time.")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness task names or JSON files.")
     icl: ICLEvalConfig = Field(default_factory=ICLEvalConfig)
 
@@ -261,8 +319,9 @@ class ComputeConfig(_Strict):
     host_memory_gib: float = Field(64.0, ge=0, description="Host RAM of a pod the parent's streamed layers may "
                                    "be cached in (pinned), so later batches read no file.")
     peak_tflops: float = Field(989.0, gt=0, description="Dense bf16 TFLOP/s of one GPU, for the GPU-time estimates.")
-    mfu: float = Field(0.35, gt=0, le=1, description="Fraction of peak_tflops training and scoring reach "
-                       "(model FLOPs utilization), for the GPU-time estimates.")
+    mfu: float = Field(0.45, gt=0, le=1, description="Fraction of peak_tflops training and scoring reach "
+                       "(model FLOPs utilization), for the GPU-time estimates; BLD stages measured 52-56% of "
+                       "an H200's measured matmul peak (BENCHMARKS.md).")
     host_to_device_gbps: float = Field(25.0, gt=0, description="Host-to-GPU copy bandwidth (GB/s) a streamed "
                                        "layer crosses, for the estimates.")
 

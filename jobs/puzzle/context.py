@@ -29,8 +29,8 @@ from puzzle.config import PuzzleConfig, StoreConfig
 from puzzle.errors import ConfigError, UnitError, exit_code
 from puzzle.layout import done_key
 from puzzle.metrics import StepMetrics
-from puzzle.run import Run, check_unit_id, open_run, record_failure
-from puzzle.store import Store, open_store
+from puzzle.run import Run, check_unit_id, open_run, record_failure, relative_outputs
+from puzzle.store import Store, open_store, recording
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +138,18 @@ def run_step(
     ctx = _context(step, run, unit, outputs_dir)
     started = time.time()
     try:
-        module.run(ctx)
+        with recording() as written:
+            module.run(ctx)
         seconds = time.time() - started
         ctx.metrics.set("step_seconds", seconds, help="Wall-clock seconds of the step unit")
         ctx.metrics.set("step_success", 1, help="1 when the step unit completed")
         ctx.metrics.write(run.store)
         ctx.metrics.push()
         write_outputs(spec, run, outputs_dir)
+        # the marker lists what the unit left (relative to the runs root, sha256 each): resume checks them
         run.store.put_json(key, {"step": step, "unit": unit, "seconds": seconds,
                                  "finished_at": _dt.datetime.now(_dt.UTC).isoformat(),
-                                 "host": os.uname().nodename})
+                                 "host": os.uname().nodename, "outputs": relative_outputs(run, written)})
         run.store.delete(layout.failed_key(step, str(unit["id"])))
     except Exception as err:
         _remember_failure(run, step, unit, err)

@@ -2,10 +2,8 @@
 
 - :func:`compare_to_parent`: KL(parent || model) of next-token distributions and both perplexities on
   the same held-out sequences;
-- :class:`DeciTextGenerator`: the :class:`puzzle.icl.generation.TextGenerator` protocol over the
-  project's own ``DeciLMForCausalLM`` (children are nemotron-nas, which transformers cannot load without
-  remote code), greedy or beam search, stopping at the end of the answer line;
-- :func:`task_accuracy`: exact match on the tiny SCAN task (:mod:`puzzle.data.tasks`);
+- :func:`task_accuracy`: exact match on the tiny SCAN task (:mod:`puzzle.data.tasks`) through any
+  :class:`puzzle.generation.TextGenerator` (the evaluate step's: :class:`puzzle.generation.DeciTextGenerator`);
 - :func:`icl_results`: the ICL benchmark (:mod:`puzzle.icl`) for each selection method;
 - :func:`throughput_figures`: measured tokens/s per scenario next to the profile's prediction;
 - :func:`lm_eval_results`: lm-evaluation-harness tasks through its Python API with
@@ -24,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from puzzle.config import ConfigError, ICLEvalConfig, ProfileConfig, Scenario
-from puzzle.data.tasks import MAX_NEW_TOKENS, evaluate_exact_match, scan_task_examples
+from puzzle.data.tasks import evaluate_exact_match, scan_task_examples
+from puzzle.generation import DeciTextGenerator, TextGenerator
 from puzzle.model import DeciLMForCausalLM
 
 
@@ -69,97 +68,26 @@ def compare_to_parent(
     }
 
 
-# ----- generation ----------------------------------------------------------------------------------
-class DeciTextGenerator:
-    """:class:`puzzle.icl.generation.TextGenerator` over a ``DeciLMForCausalLM`` and its ``tokenizer.json``.
-
-    Prompts are encoded with the tokenizer's own special tokens (a BOS where its post-processor adds
-    one, as in training), left-padded per batch, and decoded until a token holding a newline or EOS:
-    every answer of the shared prompt format is one line.
-    """
-
-    def __init__(self, model: DeciLMForCausalLM, tokenizer_dir: str | Path, batch_size: int = 16) -> None:
-        from tokenizers import Tokenizer
-
-        path = Path(tokenizer_dir) / "tokenizer.json"
-        if not path.is_file():
-            raise ConfigError(f"tokenizer: {str(path)!r} not found; a fast tokenizer (tokenizer.json) is required")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: value {batch_size} is not allowed; must be >= 1")
-        self.model = model
-        self.tokenizer = Tokenizer.from_file(str(path))
-        self.batch_size = batch_size
-        vocab = self.tokenizer.get_vocab()
-        eos = model.config.eos_token_id
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        # byte-level BPE spells a newline 'Ċ'; word-level tokenizers keep '\n'
-        self.stop_ids = sorted({*eos_ids, *(i for t, i in vocab.items() if "\n" in t or "Ċ" in t)})
-        pad = model.config.pad_token_id
-        self.pad_id = pad if isinstance(pad, int) else (eos_ids[0] if eos_ids else 0)
-
-    def _encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = [self.tokenizer.encode(p).ids for p in prompts]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(enc), width, dtype=torch.long)
-        for r, e in enumerate(enc):
-            ids[r, width - len(e):] = torch.tensor(e, dtype=torch.long)  # left padding
-            mask[r, width - len(e):] = 1
-        return ids, mask
-
-    def _decode(self, ids: list[int]) -> str:
-        cut = next((k for k, t in enumerate(ids) if t in self.stop_ids), len(ids))
-        text = self.tokenizer.decode(ids[: cut + 1], skip_special_tokens=True)
-        return text
-
-    @torch.no_grad()
-    def generate(
-        self, prompts: list[str], max_new_tokens: int, num_beams: int = 1, num_return_sequences: int = 1
-    ) -> list[list[str]]:
-        if num_return_sequences > num_beams:
-            raise ValueError(
-                f"num_return_sequences: value {num_return_sequences} is not allowed; must be <= num_beams ({num_beams})"
-            )
-        dev = next(self.model.parameters()).device
-        out: list[list[str]] = []
-        # longest prompts together, so a batch pads little; answers go back in the caller's order
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        answers: dict[int, list[str]] = {}
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s : s + self.batch_size]
-            ids, mask = self._encode([prompts[i] for i in idx])
-            seqs = self.model.generate(
-                ids.to(dev), max_new_tokens, eos_token_id=self.stop_ids, num_beams=num_beams,
-                num_return_sequences=num_return_sequences, attention_mask=mask.to(dev), pad_token_id=self.pad_id,
-            )  # (B * R, T + new)
-            new = seqs[:, ids.shape[1]:].tolist()
-            for j, i in enumerate(idx):
-                answers[i] = [self._decode(new[j * num_return_sequences + r]) for r in range(num_return_sequences)]
-        for i in range(len(prompts)):
-            out.append(answers[i])
-        return out
-
-    def generate_fn(self, max_new_tokens: int = MAX_NEW_TOKENS):
-        """The ``GenerateFn`` form :func:`puzzle.data.tasks.evaluate_exact_match` takes (greedy)."""
-        return lambda prompts: [a[0] for a in self.generate(prompts, max_new_tokens)]
-
-
 # ----- tasks ---------------------------------------------------------------------------------------
-def task_accuracy(generator: DeciTextGenerator, n: int, seed: int = 0, split: str = "template",
+def task_accuracy(generator: TextGenerator, n: int, seed: int = 0, split: str = "template",
                   part: str = "valid") -> dict[str, Any]:
-    """Exact match on ``n`` held-out tiny-task (SCAN) episodes; deterministic in ``seed``."""
+    """Exact match on ``n`` held-out tiny-task (SCAN) episodes; deterministic in ``seed`` (the generator
+    batches the prompts itself)."""
     items = scan_task_examples(n, seed=seed, split=split, part=part)
-    res = evaluate_exact_match(generator.generate_fn(), items, batch_size=generator.batch_size)
+    res = evaluate_exact_match(generator, items, batch_size=len(items))
     return {**res, "task": f"scan:{split}", "part": part}
 
 
-def icl_results(generator: DeciTextGenerator, cfg: ICLEvalConfig,
-                aux: DeciTextGenerator | None = None) -> dict[str, Any]:
+def icl_results(generator: TextGenerator, cfg: ICLEvalConfig, predictor: TextGenerator | None = None,
+                measure: TextGenerator | None = None) -> dict[str, Any]:
     """The ICL benchmark per dataset:split x method (per-item records dropped: the report needs the
-    figures; ``records`` of thousands of prompts would dominate every report.json)."""
+    figures; ``records`` of thousands of prompts would dominate every report.json).
+
+    ``predictor`` predicts the query programs and ``measure`` sets the prompt budget; the evaluate step
+    passes the parent for both, so every unit (parent, children, baselines) sees the same prompts."""
     from puzzle.icl.benchmark import run_icl_benchmark
 
-    out = run_icl_benchmark(generator, cfg, aux)
+    out = run_icl_benchmark(generator, cfg, predictor, measure=measure)
     for per_method in out["results"].values():
         for r in per_method.values():
             r.pop("records", None)
@@ -269,7 +197,7 @@ def lm_eval_model(model: DeciLMForCausalLM, tokenizer_dir: str | Path, batch_siz
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
                 n = int(kwargs.get("max_gen_toks", 64))
-                ids, mask = gen._encode([context])
+                ids, mask = gen.encode([context])
                 seq = model.generate(ids.to(dev), n, eos_token_id=model.config.eos_token_id,
                                      attention_mask=mask.to(dev), pad_token_id=gen.pad_id)
                 text = tok.decode(seq[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
@@ -344,7 +272,6 @@ def lm_eval_results(model: DeciLMForCausalLM, tokenizer_dir: str | Path, tasks: 
 
 
 __all__ = [
-    "DeciTextGenerator",
     "compare_to_parent",
     "icl_results",
     "lm_eval_model",

@@ -151,3 +151,26 @@ def profile_cache_root(digest: str) -> str:
 def profile_cache_entry(entry: str) -> str:
     """``<entry>.json`` under a profile-cache root: one variant's shape (``attn_g4``, ``ffn_i512``, ``non_block``)."""
     return f"{entry}.json"
+
+
+#: What each step writes into the run (key prefixes and keys), removed when the step is redone. BLD's blocks
+#: live in the shared, content-addressed library and are never removed; the run's record of which library it
+#: uses is, since what the blocks are keyed on may have changed.
+STEP_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "prepare": ("data", "plan", LIBRARY_RECORD),
+    "bld": (LIBRARY_RECORD,),
+    "profile": ("profile",),
+    "score": ("scores",),
+    "solve": ("solve", "plan/assemble.json"),
+    "assemble": ("child", "checkpoints/assemble"),
+    "evaluate": ("eval",),
+    "report": (REPORT_JSON, REPORT_HTML),
+}
+
+#: The first step that reads each config section: changing a section means redoing from that step on.
+#: None: the section changes nothing a step computed (names, metrics endpoints).
+CONFIG_FIRST_STEP: dict[str, str | None] = {
+    "name": None, "seed": "prepare", "parent": "prepare", "data": "prepare", "search_space": "prepare",
+    "compute": "prepare", "bld": "bld", "profile": "profile", "score": "score", "solve": "solve",
+    "assemble": "assemble", "eval": "evaluate", "store": "prepare", "metrics": None,
+}

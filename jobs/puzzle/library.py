@@ -23,7 +23,7 @@ the seed), so an entry does not depend on which unit, or how many layers per uni
 
 Use::
 
-    lib = Library.for_run(ctx)                  # or Library.for_run(run_store, config, parent_dir)
+    lib = Library.for_run(ctx.store, ctx.config, ctx.parent_dir)   # parent_dir: a path or a function
     if lib.has(3, "attn_g4"):
         lib.apply(model, 3, "attn_g4")          # swap the trained block into a DeciLMForCausalLM
 """
@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -46,9 +46,6 @@ from puzzle.errors import UnitError
 from puzzle.model import AttentionVariant, DeciLMForCausalLM, parse_name, split_name, weight_files
 from puzzle.run import runs_root_uri
 from puzzle.store import Store, open_store
-
-if TYPE_CHECKING:
-    from puzzle.context import StepContext
 
 #: Bumped whenever the meaning of an entry changes, so old libraries are never mistaken for new ones.
 FORMAT_VERSION = 2  # 2: stages train every block of a layer range from one parent pass
@@ -153,31 +150,29 @@ class Library:
     @classmethod
     def for_run(
         cls,
-        ctx_or_store: StepContext | Store,
-        config: PuzzleConfig | None = None,
-        parent_dir: str | Path | None = None,
+        run_store: Store,
+        config: PuzzleConfig,
+        parent_dir: str | Path | Callable[[], str | Path] | None = None,
     ) -> Library:
         """The library a run uses: the digest recorded in the run's ``library.json``, else computed from
-        the parent's weights (``parent_dir``, or ``ctx.parent_dir()``), the data and the config, and
-        then recorded."""
-        if isinstance(ctx_or_store, Store):
-            run_store = ctx_or_store
-            if config is None:
-                raise TypeError("Library.for_run(store, ...): config is required when a Store is given")
-        else:
-            run_store, config = ctx_or_store.store, ctx_or_store.config
-        assert config is not None
+        the parent's weights (``parent_dir``: a path, or a function giving one, called only when the
+        digest must be computed, e.g. ``ctx.parent_dir``), the data and the config, and then recorded."""
         if run_store.exists(RUN_RECORD_KEY):
-            digest = run_store.get_json(RUN_RECORD_KEY)["digest"]
-            return cls.open(run_store.uri, digest, config.store)
+            record = run_store.get_json(RUN_RECORD_KEY)
+            recorded = (record.get("key") or {}).get("hyperparameters")
+            if recorded is not None and recorded != hyperparameters(config):
+                # blocks are filed under what they were trained with, never under another config's settings
+                raise UnitError(
+                    f"{RUN_RECORD_KEY}: the run's library was keyed on other BLD settings than the config's "
+                    f"({recorded} vs {hyperparameters(config)}); redo from bld: "
+                    f"`puzzle run --resume {run_store.uri} --redo bld`")
+            return cls.open(run_store.uri, record["digest"], config.store)
         if parent_dir is None:
-            if isinstance(ctx_or_store, Store):
-                raise LibraryError(
-                    f"run {run_store.uri!r} has no {RUN_RECORD_KEY} yet; pass parent_dir so the library digest "
-                    "can be computed from the parent's weights"
-                )
-            parent_dir = ctx_or_store.parent_dir()
-        key = library_key(run_store, config, parent_dir)
+            raise LibraryError(
+                f"run {run_store.uri!r} has no {RUN_RECORD_KEY} yet; pass parent_dir so the library digest "
+                "can be computed from the parent's weights"
+            )
+        key = library_key(run_store, config, parent_dir() if callable(parent_dir) else parent_dir)
         digest = digest_of(key)
         lib = cls.open(run_store.uri, digest, config.store)
         if not lib.store.exists(KEY_NAME):
@@ -197,6 +192,19 @@ class Library:
     def has(self, layer: int, variant: str) -> bool:
         """True when the entry is complete (its meta.json exists)."""
         return self.store.exists(f"{self.prefix(layer, variant)}/{META_NAME}")
+
+    def usable(self, layer: int, variant: str) -> bool:
+        """True when the entry is complete AND whole: its meta.json reads with the fields readers use and its
+        weights are there. A damaged entry (tampered, half-deleted) is trained again, never reused."""
+        if not self.has(layer, variant):
+            return False
+        try:
+            meta = self.meta(layer, variant)
+        except Exception:  # noqa: BLE001 - unreadable means unusable
+            return False
+        if not isinstance(meta, dict) or not all(k in meta for k in ("initial_nmse", "final_nmse", "has_weights")):
+            return False
+        return not meta["has_weights"] or self.store.exists(f"{self.prefix(layer, variant)}/{WEIGHTS_NAME}")
 
     def meta(self, layer: int, variant: str) -> dict[str, Any]:
         key = f"{self.prefix(layer, variant)}/{META_NAME}"

@@ -2,18 +2,26 @@
 
 ``puzzle run CONFIG`` creates a run in the config's store (default ``file://./runs``) and runs every
 step of :mod:`puzzle.pipeline` in dependency order; the units of one step go to a pool of worker
-processes (one per GPU on a multi-GPU machine). A unit that completed has a done marker in the store
-and is never run again, so ``puzzle run --resume RUN_URI`` picks up where a failed or killed run
-stopped. The run URI is printed last.
+processes (one per GPU by default; ``--workers N`` shares the GPUs round-robin). A unit that completed
+has a done marker in the store and is never run again, so ``puzzle run --resume RUN_URI`` picks up where
+a failed or killed run stopped. The run URI is printed last.
+
+Units that time the target (profile, evaluate) run alone, and hold a machine-wide lock while they do, so
+two runs on one machine never measure at the same time (the second waits, and says so). Ctrl-C stops
+the workers; what completed stays, and the command prints how to resume.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import fcntl
 import logging
 import multiprocessing as mp
 import os
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +30,8 @@ from tqdm import tqdm
 
 from puzzle import pipeline
 from puzzle.config import PuzzleConfig
-from puzzle.run import done_ids, open_run, plan_units
+from puzzle.layout import done_key
+from puzzle.run import check_done, done_ids, open_run, plan_units
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,8 @@ class UnitFailure(Exception):
 def _worker_init(threads: int, gpu_queue) -> None:
     # one progress bar for the whole run: the units' own bars would interleave on the same terminal
     os.environ["TQDM_DISABLE"] = "1"
+    # Ctrl-C is the parent's to handle: it stops the workers itself, so none dies mid-write on its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
     import torch
@@ -62,8 +73,34 @@ def _worker_run(step: str, run_uri: str, unit: dict[str, Any]) -> tuple[str, str
     return ("ok", "", time.time() - started)
 
 
-#: Steps whose units time the target device; on a CPU-only machine each runs alone.
+#: Steps whose units time the target device: each runs alone, under the machine-wide measuring lock.
 TIMED_STEPS = frozenset({"profile", "evaluate"})
+#: The lock two runs on one machine share while measuring (one file per machine and user).
+MEASURE_LOCK = os.path.join(tempfile.gettempdir(), f"puzzle-measure-{os.getuid()}.lock")
+
+
+@contextlib.contextmanager
+def measuring_lock(path: str = MEASURE_LOCK, say=lambda m: print(m, file=sys.stderr)):
+    """Hold the machine-wide measuring lock; if another run holds it, say so and wait."""
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            who = fh.read().strip() or "another process"
+            say(f"another puzzle run is measuring on this machine ({who}); waiting for it, so the two do "
+                "not skew each other's timings")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.seek(0)
+            fh.truncate()
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def levels() -> list[list[pipeline.Step]]:
@@ -77,12 +114,28 @@ def levels() -> list[list[pipeline.Step]]:
     return out
 
 
-def pending_units(store, step: pipeline.Step) -> list[dict[str, Any]]:
+def pending_units(store, step: pipeline.Step, root=None) -> list[dict[str, Any]]:
+    """The units of ``step`` still to run: not done, or done but with an output that is missing or changed
+    since (resume verifies, it does not just trust a marker; ``root``: the store holding the runs)."""
     units = plan_units(store, step.fan_out)
     if units is None:
         raise RuntimeError(f"plan list {step.fan_out!r} of step {step.name!r} is missing although its producer ran")
     done = done_ids(store, step.name)
-    return [u for u in units if str(u["id"]) not in done]
+    out = []
+    for u in units:
+        uid = str(u["id"])
+        if uid not in done:
+            out.append(u)
+            continue
+        if root is None:
+            continue
+        problems = check_done(root, store.get_json(done_key(step.name, uid)))
+        if problems:
+            print(f"redoing {step.name}/{uid}: its done marker cannot be trusted: {'; '.join(problems[:3])}"
+                  f"{' ...' if len(problems) > 3 else ''}", file=sys.stderr)
+            store.delete(done_key(step.name, uid))
+            out.append(u)
+    return out
 
 
 def default_workers() -> int:
@@ -101,34 +154,52 @@ def run_pipeline(run_uri: str, workers: int | None = None, steps: list[str] | No
     """Run (or resume) every pending unit of the run at ``run_uri``. Raises UnitFailure on the first failure."""
     run = open_run(run_uri)
     store = run.store
+    root = run.root_store()
     workers = workers or default_workers()
+    if workers < 1:
+        raise ValueError(f"workers: {workers} is not allowed; allowed: an integer >= 1")
     gpus = _gpu_count()
-    threads = max(1, (os.cpu_count() or 1) // workers) if gpus == 0 else max(1, (os.cpu_count() or 1) // gpus)
+    threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = mp.get_context("spawn")
     gpu_queue = None
     if gpus:
-        workers = min(workers, gpus)
+        # worker i runs on GPU i % gpus: several workers may share a GPU (small models, CPU-bound steps)
         gpu_queue = ctx.Queue()
         for i in range(workers):
-            gpu_queue.put(i)
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                initargs=(threads, gpu_queue)) as pool:
+            gpu_queue.put(i % gpus)
+    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads, gpu_queue))
+    try:
         for level in levels():
-            todo = [(s, u) for s in level if steps is None or s.name in steps for u in pending_units(store, s)]
+            todo = [(s, u) for s in level if steps is None or s.name in steps
+                    for u in pending_units(store, s, root)]
             if not todo:
                 continue
-            # On a CPU-only machine, units that time the target (profile, evaluate) run alone: a unit
-            # timed while another one computes on the same cores measures the contention, not the model.
-            alone = [t for t in todo if gpus == 0 and t[0].name in TIMED_STEPS]
+            # Units that time the target (profile, evaluate) run alone: a unit timed while another one
+            # computes on the same cores or GPU measures the contention, not the model.
+            alone = [t for t in todo if t[0].name in TIMED_STEPS]
             shared = [t for t in todo if t not in alone]
             names = "+".join(s.name for s in level)
             bar = tqdm(total=len(todo), desc=names, unit="unit", disable=not progress, file=sys.stderr)
             try:
                 _run_units(pool, shared, run_uri, bar)
-                for t in alone:
-                    _run_units(pool, [t], run_uri, bar)
+                if alone:
+                    with measuring_lock():
+                        for t in alone:
+                            _run_units(pool, [t], run_uri, bar)
             finally:
                 bar.close()
+    except KeyboardInterrupt:
+        # stop now: no worker finishes a unit it cannot publish; completed units keep their markers
+        _kill_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _kill_workers(pool: cf.ProcessPoolExecutor) -> None:
+    for p in list(getattr(pool, "_processes", {}).values()):
+        with contextlib.suppress(Exception):
+            p.terminate()
 
 
 def _run_units(pool, todo, run_uri: str, bar) -> None:
@@ -151,6 +222,17 @@ def _run_units(pool, todo, run_uri: str, bar) -> None:
         bar.set_postfix_str(f"{s.name}/{u['id']}")
     if failure is not None:
         raise failure
+
+
+def interrupted_summary(run_uri: str) -> str:
+    """What a Ctrl-C left: units done per step, and the command that resumes the run."""
+    from puzzle.run import progress
+
+    run = open_run(run_uri)
+    rows = progress(run.store, pipeline.topological_order())
+    done = ", ".join(f"{p.step} {p.done}/{'?' if p.total is None else p.total}" for p in rows if p.done or p.total)
+    return (f"interrupted: completed units are saved in {run_uri} ({done}); training units resume from their "
+            f"last checkpoint\nresume with: puzzle run --resume {run_uri}")
 
 
 def _gpu_count() -> int:

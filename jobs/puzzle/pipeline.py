@@ -153,6 +153,11 @@ def ancestors(name: str) -> set[str]:
     return out
 
 
+def descendants(name: str) -> set[str]:
+    """Every step that (directly or not) depends on ``name``: what redoing ``name`` must redo too."""
+    return {s.name for s in STEPS if name in ancestors(s.name)}
+
+
 def validate_pipeline(steps: tuple[Step, ...] = STEPS) -> None:
     """Reject a malformed pipeline at import time, so both runners see only a consistent DAG."""
     by_name = {s.name: s for s in steps}

@@ -283,16 +283,21 @@ def _seconds(flops: float, config: PuzzleConfig) -> float:
     return flops / (config.compute.peak_tflops * 1e12 * config.compute.mfu)
 
 
-def bld_seconds(p: StagePlan, config: PuzzleConfig) -> float:
-    """Estimated seconds of one stage unit: its training tokens at the stage's FLOPs per token, or the
-    streamed bytes when copying them is slower, plus the held-out and calibration passes."""
-    tokens = config.bld.tokens
-    steps = math.ceil(tokens / (config.bld.batch_size * config.data.seq_len))
+def bld_step_seconds(p: StagePlan, config: PuzzleConfig) -> float:
+    """Estimated seconds of one training step of a stage: its FLOPs at compute.mfu, or the bytes of its
+    streamed layers over compute.host_to_device_gbps when copying them is slower (the copy overlaps)."""
+    tokens = config.bld.batch_size * config.data.seq_len
     compute = _seconds(p.flops_per_token * tokens, config)
-    stream = steps * p.streamed_bytes_per_batch / (config.compute.host_to_device_gbps * 1e9)
+    stream = p.streamed_bytes_per_batch / (config.compute.host_to_device_gbps * 1e9)
+    return max(compute, stream)
+
+
+def bld_seconds(p: StagePlan, config: PuzzleConfig) -> float:
+    """Estimated seconds of one stage unit: every training step, plus the held-out and calibration passes."""
+    steps = math.ceil(config.bld.tokens / (config.bld.batch_size * config.data.seq_len))
     # held-out (before and after) and calibration: forward passes only, a third of a training step's FLOPs
     extra = _seconds(p.flops_per_token / 3 * (2 * config.bld.eval_tokens + config.bld.calibration_tokens), config)
-    return max(compute, stream) + extra
+    return steps * bld_step_seconds(p, config) + extra
 
 
 def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], ffn: Sequence[str],
@@ -343,7 +348,8 @@ def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], 
     rows.append(StepCost("solve", 1, False, 0.0, 0.0,
                          f"CPU: at most {config.solve.time_limit_s:.0f} s per solve"))
 
-    n_children = config.solve.num_solutions + 1 + (2 if config.eval.baselines else 0)
+    # the parent, every solution, and two settings of each of the two baseline families
+    n_children = config.solve.num_solutions + 1 + (4 if config.eval.baselines else 0)
     gkd = config.assemble.gkd
     student = parent.params  # an upper bound: the child is never larger than the parent here
     if gkd.enabled:

@@ -437,11 +437,15 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(f"<h2>{html.escape(title)}</h2>")
         parts.append(f"<img alt='{html.escape(title)}' src='data:image/png;base64,{png}'>" if png
                      else "<p class='note'>No data for this plot in the run.</p>")
-    icl_rows = [[html.escape(m["id"]), html.escape(r["method"]), html.escape(r["split"]), _fmt(r["parent"], ".3f"),
-                 _fmt(r["child"], ".3f"), _pct(r["retention"])]
+    def _acc(a, ci) -> str:
+        return _fmt(a, ".3f") + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+    icl_rows = [[html.escape(m["id"]), html.escape(str(r.get("selection"))), html.escape(r["method"]),
+                 html.escape(r["split"]), _acc(r["parent"], r.get("parent_ci95")), _acc(r["child"], r.get("child_ci95")),
+                 _pct(r["retention"])]
                 for m in [*report["solutions"], *report["baselines"]] for r in m.get("icl") or []]
-    parts.append("<h2>ICL: exact match per selection method</h2>")
-    parts.append(_table(["model", "method", "split", "parent", "child", "retention"], icl_rows) if icl_rows
+    parts.append("<h2>ICL: exact match per selection method (Wilson 95% interval)</h2>")
+    parts.append(_table(["model", "selection", "method", "split", "parent", "child", "retention"], icl_rows) if icl_rows
                  else "<p class='note'>ICL evaluation was not enabled (eval.icl.enabled).</p>")
     gkd_rows = [[html.escape(m["id"]), _fmt(m["gkd"].get("steps")), _fmt(m["gkd"].get("tokens"), ",.0f"),
                  _fmt(m["gkd"].get("initial_kl"), ".4f"), _fmt(m["gkd"].get("final_kl"), ".4f")]

@@ -151,6 +151,67 @@ def record_config_change(run: Run, new_text: str, redo: str, reason: str = "") -
     return n
 
 
+def changed_sections(old: PuzzleConfig, new: PuzzleConfig) -> list[str]:
+    """Top-level config sections whose values differ."""
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def redo(run: Run, steps: Sequence[str], new_config_text: str | None = None) -> dict[str, Any]:
+    """Make ``steps`` (a step and everything after it, in the caller's DAG order) run again: their done and
+    failed markers and their outputs in the run are removed; with ``new_config_text`` the run's config is
+    replaced first, the old one kept in ``history/``. A config change that touches a section an earlier
+    step read is refused (ConfigError naming the field and the step to redo from)."""
+    from puzzle.layout import CONFIG_FIRST_STEP, STEP_OUTPUTS
+
+    first = steps[0]
+    changed: list[str] = []
+    if new_config_text is not None:
+        new = load_config_text(new_config_text, "--config")
+        changed = changed_sections(run.config, new)
+        if "store" in changed and new.store.uri != run.config.store.uri:
+            raise ConfigError(f"--config: store.uri {new.store.uri!r} differs from the run's "
+                              f"{run.config.store.uri!r}; a run cannot move; start a new run there")
+        too_early = [c for c in changed if CONFIG_FIRST_STEP.get(c) not in (None, *steps)]
+        if too_early:
+            need = sorted({CONFIG_FIRST_STEP[c] for c in too_early})
+            raise ConfigError(
+                f"--config: {', '.join(too_early)} changed, which step(s) {', '.join(need)} read before "
+                f"{first!r}; allowed: --redo {need[0]} (it redoes everything after it too)")
+    removed = 0
+    for step in steps:
+        for prefix in STEP_OUTPUTS.get(step, ()):
+            for key in run.store.list(prefix):
+                run.store.delete(key)
+                removed += 1
+        for key in run.store.list(f"done/{step}") + run.store.list(f"failed/{step}"):
+            run.store.delete(key)
+            removed += 1
+    n = None
+    if new_config_text is not None:
+        n = record_config_change(run, new_config_text, first, f"changed: {', '.join(changed) or 'nothing'}")
+    return {"redo": list(steps), "removed_keys": removed, "config_changed": changed, "history": n}
+
+
+def relative_outputs(run: Run, written: dict[str, str]) -> dict[str, str]:
+    """``{key relative to the runs root: sha256}`` of what a unit wrote (in the run or the library)."""
+    root = runs_root_uri(run.uri).rstrip("/") + "/"
+    return {uri[len(root):]: sha for uri, sha in sorted(written.items()) if uri.startswith(root)}
+
+
+def check_done(root: Store, marker: dict[str, Any]) -> list[str]:
+    """Why a done unit cannot be trusted: each output it recorded that is missing now, or whose recorded
+    sha256 changed (checked from the store's own checksum record, without reading the object)."""
+    problems = []
+    for key, sha in (marker.get("outputs") or {}).items():
+        now = root.stored_sha256(key)
+        if now is None:
+            problems.append(f"{key} is missing")
+        elif now != sha:
+            problems.append(f"{key} changed since the unit wrote it (sha256 {now[:12]}..., was {sha[:12]}...)")
+    return problems
+
+
 # ----- progress -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepProgress:

@@ -40,14 +40,16 @@ class TinyParentConfig:
 
     seed: int = 0
     """Seeds the corpus stream, the BPE's training text, the initial weights and batch order."""
-    hidden_size: int = 192
-    """Model width; head_dim = hidden_size / num_attention_heads."""
+    hidden_size: int = 256
+    """Model width; head_dim = hidden_size / num_attention_heads = 32, a head size every serving engine
+    runs (vLLM's CPU attention has none below 32; see puzzle.serving)."""
     num_hidden_layers: int = 6
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
     """GQA: 4 KV heads for 8 query heads, so n_heads_in_group = 2 in the parent."""
-    intermediate_size: int = 512
-    """SwiGLU width (ffn_mult 4.0 at hidden 192: 2 * 4.0 * 192 / 3 = 512)."""
+    intermediate_size: int = 768
+    """SwiGLU width: vLLM's size for ffn_mult 4.0 at hidden 256 (round_up(int(2 * 4.0 * 256 / 3), 256) = 768),
+    so the parent's own FFN is on the grid vLLM, SGLang and TensorRT-LLM size FFNs by."""
     vocab_size: int = 1024
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = False
@@ -68,6 +70,9 @@ class TinyParentConfig:
     """torch intra-op threads; results are bit-identical only for the same count."""
     device: str = "cpu"
     """'cpu' (the reference) or 'cuda'; CUDA runs are repeatable on one GPU model, not equal to CPU."""
+    save_dtype: str = "bfloat16"
+    """Dtype of the saved weights: bfloat16 keeps the committed parent near 10 MB; steps load it in
+    ``parent.dtype`` (float32 for the tiny example: exact, since every bfloat16 is a float32)."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -86,6 +91,7 @@ class TinyParentConfig:
             "warmup_steps": self.warmup_steps >= 0,
             "threads": self.threads >= 1,
             "device": self.device == "cpu" or self.device.startswith("cuda"),
+            "save_dtype": self.save_dtype in ("float32", "bfloat16", "float16"),
         }
         rules = {
             "num_attention_heads": "must be >= 1 and divide hidden_size",
@@ -93,6 +99,7 @@ class TinyParentConfig:
             "seq_len": "must be in [8, max_position_embeddings]",
             "min_lr_ratio": "must be in [0, 1]",
             "device": "allowed: cpu, cuda, cuda:N",
+            "save_dtype": "allowed: float32, bfloat16, float16",
         }
         for name, ok in checks.items():
             if not ok:
@@ -177,13 +184,16 @@ def train_tiny_parent(
 
     opt = adamw(decay_groups(model, cfg.weight_decay), cfg.lr)
     part = Part("model", model, opt, cfg.grad_clip)
-    trainer = Trainer({"model": part}, schedule(cfg), cfg.device, autocast=False)
+    # bf16 autocast on a GPU (fp32 master weights): the one-GPU example's parent trains in about a minute;
+    # the CPU reference stays plain fp32 and bit-repeatable
+    trainer = Trainer({"model": part}, schedule(cfg), cfg.device, autocast=cfg.device.startswith("cuda"))
     batches = token_batches(tok, cfg)
     last: list[torch.Tensor] = []
 
     def loss_fn(step: int):
         ids = next(batches).to(cfg.device)  # (B, T)
-        loss = model(input_ids=ids, labels=ids).loss
+        with trainer.autocast():
+            loss = model(input_ids=ids, labels=ids).loss
         last[:] = [loss.detach()]
         yield "model", loss
 
@@ -199,7 +209,7 @@ def train_tiny_parent(
         do_sample=False,
         max_new_tokens=64,
     )
-    model.to("cpu").save_pretrained(out)  # transformers >= 5 writes safetensors only
+    model.to("cpu", dtype=getattr(torch, cfg.save_dtype)).save_pretrained(out)  # transformers >= 5: safetensors
     save_tokenizer(tok, out, cfg.max_position_embeddings)
     pickles = [p.name for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl")]
     if pickles:

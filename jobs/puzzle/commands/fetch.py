@@ -19,8 +19,8 @@ def register(sub) -> None:
     p.add_argument("run", metavar="RUN_URI", help="the run's root: file://... or s3://BUCKET/PREFIX/RUN_ID")
     p.add_argument("dest", type=Path, metavar="DEST", help="local directory to write the model into")
     p.add_argument("--solution", default="sol-0", metavar="ID",
-                   help="which model: sol-0, sol-1, ..., baseline-uniform-ffn, baseline-layer-drop, parent "
-                        "(default: sol-0)")
+                   help="which model: sol-0, sol-1, ..., a baseline (baseline-uniform-ffn-m1.0, baseline-drop-3, ...: "
+                        "`puzzle report` lists them) or parent (default: sol-0)")
     p.add_argument("--force", action="store_true", help="write into a DEST that is not empty")
     p.set_defaults(func=_main)
 

@@ -15,8 +15,8 @@ Where the commands come from (this is what keeps evaluation honest):
 - That train part is partitioned once more (fixed ``HOLDOUT_SEED``): ``valid`` queries never appear
   in training text, neither as queries nor as demonstrations; they are the in-distribution
   evaluation set (:mod:`puzzle.data.tasks`) and the queries of ``valid.txt``.
-- When the FunQL-style language of :mod:`puzzle.icl.datasets` is importable, the train part of its
-  compositional split is mixed in the same way (same held-out rule).
+- The train part of the FunQL-style language's compositional split (:mod:`puzzle.data.geo`) is mixed in
+  the same way (same held-out rule).
 
 Filler: docstrings of the Python 3.11 standard library (read with ``ast``, never imported),
 licensed under the PSF License Agreement; they make perplexity about more than one task. They are
@@ -41,7 +41,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from puzzle.data import scan
+from puzzle.data import geo, scan
 from puzzle.data.prompts import SEPARATOR, format_example
 
 log = logging.getLogger(__name__)
@@ -112,40 +112,14 @@ def scan_partition(split: str = "template") -> TaskPartition:
 
 
 @functools.lru_cache(maxsize=1)
-def funql_partition() -> TaskPartition | None:
-    """The FunQL-style language's compositional split, if that module exists in this checkout.
-
-    It is written by another part of the project; the corpus includes it only when present, so
-    the import is guarded and the shape of its examples is checked rather than assumed.
-    """
-    try:
-        from puzzle.icl import datasets
-    except ImportError:
-        return None
-    loader = getattr(datasets, "funql_split", None) or getattr(datasets, "load_split", None)
-    if loader is None:
-        return None
-    try:
-        train, test = (
-            loader("compositional") if loader.__name__ == "funql_split" else loader("funql", "compositional")
-        )
-    except Exception as err:  # noqa: BLE001 - a half-written module must not break the corpus
-        log.warning("FunQL dataset present but unusable (%s); corpus uses SCAN only", err)
-        return None
-
-    def pairs(xs) -> list[Pair]:
-        out = []
-        for x in xs:
-            src = getattr(x, "source", None) or getattr(x, "question", None)
-            tgt = getattr(x, "target", None) or getattr(x, "program", None)
-            if isinstance(x, tuple) and len(x) == 2:
-                src, tgt = x
-            if not isinstance(src, str) or not isinstance(tgt, str):
-                raise TypeError(f"unexpected FunQL example {x!r}")
-            out.append(Pair(src, tgt))
-        return out
-
-    return _holdout("funql:compositional", pairs(train), pairs(test))
+def funql_partition() -> TaskPartition:
+    """The FunQL (geo) language's compound split (:mod:`puzzle.data.geo`), held out the same way."""
+    train, test = geo.funql_split("compositional")
+    return _holdout(
+        "funql:compositional",
+        [Pair(x.source, x.target) for x in train],
+        [Pair(x.source, x.target) for x in test],
+    )
 
 
 class DemonstrationSampler:
@@ -296,11 +270,7 @@ def _filler_parts() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def task_partitions(split: str = "template") -> list[TaskPartition]:
-    parts = [scan_partition(split)]
-    funql = funql_partition()
-    if funql is not None:
-        parts.append(funql)
-    return parts
+    return [scan_partition(split), funql_partition()]
 
 
 def iter_documents(

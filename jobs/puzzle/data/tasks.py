@@ -5,20 +5,20 @@ from the train partition, those sharing a bigram with the query last), but their
 held out: ``part="valid"`` takes unseen commands of the training distribution, ``part="test"``
 the split's compositional test part (for ``template``: every command with ``around right``).
 
-``evaluate_exact_match(generate_fn, items)`` scores any generator; ``hf_generate_fn`` wraps a
-transformers model + tokenizer as one (greedy, batched, stops at the end of the answer line).
+``evaluate_exact_match(generator, items)`` scores any :class:`puzzle.generation.TextGenerator` (greedy;
+the generator stops at the end of the answer line), the one generation interface of the project.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from puzzle.data import corpus
 from puzzle.data.prompts import exact_match, format_prompt, parse_answer
+from puzzle.generation import TextGenerator
 
-GenerateFn = Callable[[list[str]], list[str]]
 # The longest SCAN target is 48 actions, one token each, plus the newline that ends it.
 MAX_NEW_TOKENS = 56
 
@@ -62,8 +62,10 @@ def scan_task_examples(
     return items
 
 
-def evaluate_exact_match(generate_fn: GenerateFn, items: Sequence[TaskItem], batch_size: int = 16) -> dict:
-    """Exact match of ``generate_fn``'s continuations (parsed up to the first newline) on ``items``.
+def evaluate_exact_match(
+    generator: TextGenerator, items: Sequence[TaskItem], batch_size: int = 16, max_new_tokens: int = MAX_NEW_TOKENS
+) -> dict:
+    """Exact match of ``generator``'s greedy continuations (parsed up to the first newline) on ``items``.
 
     Returns ``accuracy``, ``n``, ``correct`` and up to five ``errors`` (query, gold, prediction).
     """
@@ -73,42 +75,13 @@ def evaluate_exact_match(generate_fn: GenerateFn, items: Sequence[TaskItem], bat
     errors = []
     for i in range(0, len(items), batch_size):
         batch = items[i : i + batch_size]
-        outputs = generate_fn([it.prompt for it in batch])
+        outputs = generator.generate([it.prompt for it in batch], max_new_tokens)
         if len(outputs) != len(batch):
-            raise ValueError(f"generate_fn returned {len(outputs)} continuations for {len(batch)} prompts")
+            raise ValueError(f"the generator returned {len(outputs)} continuations for {len(batch)} prompts")
         for it, out in zip(batch, outputs, strict=True):
-            pred = parse_answer(out)
+            pred = parse_answer(out[0])
             if exact_match(pred, it.gold):
                 correct += 1
             elif len(errors) < 5:
                 errors.append({"query": it.query, "gold": it.gold, "prediction": pred})
     return {"accuracy": correct / len(items), "n": len(items), "correct": correct, "errors": errors}
-
-
-def hf_generate_fn(model, tokenizer, max_new_tokens: int = MAX_NEW_TOKENS) -> GenerateFn:
-    """Greedy batched generation with transformers' ``generate``, stopping at the answer's newline.
-
-    Prompts are left-padded so every continuation starts right after its own prompt; generation
-    stops per sequence at the first token containing a newline (or at eos).
-    """
-    import torch
-
-    newline_ids = sorted({i for t, i in tokenizer.get_vocab().items() if "Ċ" in t or "\n" in t})
-    stop = [tokenizer.eos_token_id, *newline_ids]
-    device = next(model.parameters()).device
-
-    def generate(prompts: list[str]) -> list[str]:
-        tokenizer.padding_side = "left"
-        enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=stop,
-                pad_token_id=tokenizer.pad_token_id,
-            )  # (B, T_prompt + T_new)
-        new = out[:, enc["input_ids"].shape[1] :]
-        return tokenizer.batch_decode(new, skip_special_tokens=True)
-
-    return generate

@@ -1,120 +1,130 @@
-"""Programs as trees and their local structures (Levy, Bogin & Berant, ACL 2023, Sec. 3).
+"""Local structures of programs (Levy, Bogin & Berant, ACL 2023, Sec. 3), in the benchmark's two modes.
 
 Cover-LS chooses demonstrations that together cover the *local structures* of the test program.
-A program is a tree (:class:`Tree`) written in a FunQL-like syntax::
+Programs are trees (:class:`puzzle.data.programs.Tree`); a value leaf is written quoted (``'texas'``).
 
-    answer(count(river(loc_2(stateid('texas')))))
+**paper** (:func:`local_structures`, the default; the authors' definition, n = 30 without finetuning).
+The tree gets a root ``<s>`` above its top symbol. For a node v whose ancestors are a_1 = ``<s>``, ...,
+a_d (its parent) and whose left siblings are l_1, ..., l_p (the top symbols of the arguments before v,
+in order), every choice of the j nearest ancestors and the m nearest left siblings with j + m >= 1 and
+j + m + 1 <= n gives the local structure (a_{d-j+1}, ..., a_d, l_{p-m+1}, ..., l_p, v), of size
+j + m + 1, written ``p:`` ancestor, ``s:`` sibling, ``c:`` the node. There is no branching and no argument
+slot. The structures of size 1 are the program's *atoms* (:func:`program_atoms`): its symbols and
+values as written, read off the text, so a predicted program that does not parse still has atoms.
+Worked example, ``around(walk,right)`` with n = 3::
 
-Quoted leaves are *values* (entity names, numbers); everything else is a grammar symbol.
+    atoms:  around  walk  right
+    size 2: p:<s> c:around   p:around c:walk   p:around c:right   s:walk c:right
+    size 3: p:<s> p:around c:walk   p:<s> p:around c:right   p:around s:walk c:right
 
-The program graph has two kinds of edges: parent -> child, and sibling edges between consecutive
-arguments of one node. A local structure is a connected sub-graph of at most ``max_size`` nodes,
-where a sibling edge may be used only between nodes that are leaves of the sub-graph (they have
-no child inside it). Because two siblings in different parent-child components share a parent
-outside the sub-graph, every structure is one of two shapes:
+The chain is always the *nearest* ancestors, so ``p:<s> s:walk c:right`` (skipping the parent) is none.
 
-* a tree fragment, connected by parent -> child edges, written with ``_`` for arguments that are
-  not in the fragment: ``around(_, right)``, ``loc_2(stateid)``, ``walk``;
-* a run of consecutive sibling leaves whose parent is not in the sub-graph: ``walk ~ right``.
+A predicted program is first repaired (:func:`repair_parentheses`) as the authors do: a trailing ``.``
+is dropped, missing ``)`` are appended, surplus trailing ``)`` are removed.
 
-Values are anonymized to ``<v>`` so that "rivers in texas" and "rivers in ohio" share
-structures; the anonymized program (:func:`anonymize`) is what Cover-LS uses as a template.
-Size-1 structures are the program's symbols.
+**fragments** (:func:`fragment_structures`, this project's earlier variant). The program graph has
+parent -> child edges and sibling edges between consecutive arguments; a local structure is a
+connected sub-graph of at most ``max_size`` nodes, where a sibling edge may join only nodes that are
+leaves of the sub-graph. Every such structure is either a tree fragment written with ``_`` for
+arguments not in it (``around(_, right)``, ``loc_2(stateid)``, ``walk``) or a run of consecutive sibling
+leaves whose parent is outside it (``walk ~ right``). Values are anonymized to ``<v>`` on both sides.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
-VALUE = "<v>"
+from puzzle.data.programs import VALUE, Tree, anonymize, parse_program
 
-_TOKEN = re.compile(r"\s*(?:('[^']*')|([A-Za-z_][A-Za-z0-9_.]*)|([(),]))")
+__all__ = [
+    "ROOT",
+    "VALUE",
+    "Structure",
+    "Tree",
+    "anonymize",
+    "fragment_structures",
+    "local_structures",
+    "parse_program",
+    "program_atoms",
+    "repair_parentheses",
+    "symbol",
+]
 
+ROOT = "<s>"
 
-@dataclass(frozen=True)
-class Tree:
-    """One program node: a symbol with ordered arguments, or a value leaf (``is_value``)."""
-
-    label: str
-    children: tuple[Tree, ...] = ()
-    is_value: bool = False
-
-    def __str__(self) -> str:
-        if self.is_value:
-            return f"'{self.label}'"
-        if not self.children:
-            return self.label
-        return f"{self.label}({','.join(str(c) for c in self.children)})"
-
-    def nodes(self) -> Iterator[Tree]:
-        """Pre-order traversal."""
-        yield self
-        for c in self.children:
-            yield from c.nodes()
-
-    def size(self) -> int:
-        return sum(1 for _ in self.nodes())
-
-
-def parse_program(text: str) -> Tree:
-    """Parse ``label(arg, ...)`` / ``'value'`` syntax; raises ValueError naming the position."""
-    tokens: list[tuple[str, int]] = []
-    pos = 0
-    text = text.strip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            raise ValueError(f"program {text!r}: unexpected character at position {pos}: {text[pos]!r}")
-        tokens.append((m.group(0).strip(), pos))
-        pos = m.end()
-    if not tokens:
-        raise ValueError("program '': empty program")
-    i = 0
-
-    def node() -> Tree:
-        nonlocal i
-        if i >= len(tokens):
-            raise ValueError(f"program {text!r}: ended where an argument was expected")
-        tok, at = tokens[i]
-        i += 1
-        if tok.startswith("'"):
-            return Tree(tok[1:-1], (), True)
-        if tok in "(),":
-            raise ValueError(f"program {text!r}: expected a symbol at position {at}, got {tok!r}")
-        if i < len(tokens) and tokens[i][0] == "(":
-            i += 1
-            args = [node()]
-            while i < len(tokens) and tokens[i][0] == ",":
-                i += 1
-                args.append(node())
-            if i >= len(tokens) or tokens[i][0] != ")":
-                raise ValueError(f"program {text!r}: missing ')' for {tok!r} opened at position {at}")
-            i += 1
-            return Tree(tok, tuple(args))
-        return Tree(tok)
-
-    tree = node()
-    if i != len(tokens):
-        raise ValueError(f"program {text!r}: trailing text at position {tokens[i][1]}")
-    return tree
-
-
-def anonymize(tree: Tree) -> Tree:
-    """The program with every value replaced by ``<v>``: the example's template."""
-    if tree.is_value:
-        return Tree(VALUE, (), True)
-    return Tree(tree.label, tuple(anonymize(c) for c in tree.children), False)
+# A quoted value (to its closing quote, or to the end of a truncated text), a parenthesis or comma, or a
+# run of anything else that is not blank: the program's text split the way the authors split it.
+_ATOM_TOKEN = re.compile(r"'[^']*(?:'|$)|[(),]|[^\s(),']+")
 
 
 class Structure(NamedTuple):
-    """A local structure: number of nodes and its canonical text."""
+    """A local structure: its size (nodes) and its canonical text."""
 
     size: int
     text: str
+
+
+def symbol(t: Tree) -> str:
+    """A node as the program's text writes it: values quoted."""
+    return f"'{t.label}'" if t.is_value else t.label
+
+
+def program_atoms(text: str) -> list[str]:
+    """The atoms of a program's text, sorted and distinct: every token but parentheses and commas.
+
+    ``"answer(count(river(loc_2(stateid('texas')))))"`` -> ``["'texas'", 'answer', 'count', 'loc_2',
+    'river', 'stateid']``; ``"answer(count("`` (does not parse) -> ``['answer', 'count']``.
+    """
+    return sorted({t for t in _ATOM_TOKEN.findall(text) if t not in "(),"})
+
+
+def repair_parentheses(text: str) -> str:
+    """The authors' repair of a predicted program: drop a trailing ``.``, then append the ``)`` that are
+    missing or remove surplus ``)`` from the end (a surplus elsewhere is left, and the text won't parse)."""
+    text = text.strip().removesuffix(".")
+    missing = text.count("(") - text.count(")")
+    if missing > 0:
+        return text + ")" * missing
+    while missing < 0 and text.endswith(")"):
+        text = text[:-1].rstrip()
+        missing += 1
+    return text
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def local_structures(tree: Tree, n: int = 30) -> frozenset[Structure]:
+    """The paper's local structures of ``tree`` up to size ``n``: its atoms and every ancestor-chain +
+    left-sibling + node sequence (see the module docstring). Anonymize the tree first for templates.
+
+    Cached: the pool's programs are read again for every coverage figure."""
+    if n < 1:
+        raise ValueError(f"max_structure_size: value {n} is not allowed; must be an integer >= 1")
+    out: set[Structure] = set()
+    new = tuple.__new__  # Structure(...) without NamedTuple's keyword handling: this loop is the index build
+
+    def visit(t: Tree, chains: list[str], left: list[str]) -> None:
+        # chains[j]: the j nearest ancestors as text ("p:a p:b "), j = 0 .. min(n - 1, depth)
+        me = symbol(t)
+        out.add(new(Structure, (1, me)))
+        node = "c:" + me
+        runs = [""] + [" ".join("s:" + x for x in left[len(left) - m :]) + " " for m in range(1, min(n - 1, len(left)) + 1)]
+        for m, run in enumerate(runs):
+            for j in range(min(n - 1 - m, len(chains) - 1) + 1):
+                if j + m:
+                    out.add(new(Structure, (j + m + 1, chains[j] + run + node)))
+        below = [""] + [c + "p:" + me + " " for c in chains[: n - 1]]
+        kids = [symbol(c) for c in t.children]
+        for i, c in enumerate(t.children):
+            visit(c, below, kids[:i])
+
+    visit(tree, ["", f"p:{ROOT} "][:n], [])
+    return frozenset(out)
+
+
+# ------------------------------------------------------------------------------------------ fragments
 
 
 def _label(t: Tree) -> str:
@@ -141,8 +151,8 @@ def _fragments(t: Tree, budget: int) -> list[tuple[int, str]]:
     return out
 
 
-def local_structures(tree: Tree, max_size: int = 4) -> frozenset[Structure]:
-    """Every local structure of ``tree`` with at most ``max_size`` nodes (values anonymized)."""
+def fragment_structures(tree: Tree, max_size: int = 4) -> frozenset[Structure]:
+    """Every fragment-mode local structure of ``tree`` with at most ``max_size`` nodes (values anonymized)."""
     if max_size < 1:
         raise ValueError(f"max_size: value {max_size} is not allowed; must be an integer >= 1")
     out: set[Structure] = set()

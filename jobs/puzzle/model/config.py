@@ -3,7 +3,10 @@
 ``ModelConfig`` holds the global Llama-style fields plus one ``BlockConfig`` per layer. Its JSON form
 has ``"architectures": ["DeciLMForCausalLM"]``, ``"model_type": "nemotron-nas"``, per-layer
 ``block_configs`` and ``num_key_value_heads`` / ``intermediate_size`` set to null (they vary per layer),
-as vLLM's ``nemotron_nas`` loader expects. No ``auto_map``: we never rely on remote code.
+as vLLM's ``nemotron_nas`` loader expects, and ``auto_map`` naming the configuration module that
+``save_pretrained`` writes beside it (``configuration_decilm.DeciLMConfig``): transformers has no
+``nemotron-nas`` config class, so engines that resolve the config through transformers (vLLM, SGLang,
+TensorRT-LLM) load that module with ``trust_remote_code``. Our own code reads the JSON and never runs it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Any
 from puzzle.model.variants import BlockConfig, BlockConfigError, block_config_from_json
 
 _ROPE_TYPES = ("default", "llama3")
+AUTO_MAP_MODULE = "configuration_decilm"
+AUTO_MAP = {"AutoConfig": f"{AUTO_MAP_MODULE}.DeciLMConfig"}
 
 
 def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -77,6 +82,7 @@ class ModelConfig:
         d: dict[str, Any] = {
             "architectures": ["DeciLMForCausalLM"],
             "model_type": "nemotron-nas",
+            "auto_map": dict(AUTO_MAP),
             "block_configs": [b.to_json(self.hidden_size) for b in self.block_configs],
             "hidden_act": "silu",
             "hidden_size": self.hidden_size,

@@ -1,8 +1,9 @@
 """Save/load the child in the Hugging Face nemotron-nas format, and convert a parent into it.
 
 ``save_pretrained`` writes config.json, safetensors weights (sharded with model.safetensors.index.json
-above ``max_shard_bytes``), generation_config.json and the tokenizer files. ``load_pretrained`` reads
-them back. ``load_parent`` accepts a LlamaForCausalLM directory (Mistral and Qwen2 where the layout is
+above ``max_shard_bytes``), generation_config.json, the tokenizer files and ``configuration_decilm.py``
+(the config class serving engines load through ``auto_map``; our loaders never run it).
+``load_pretrained`` reads them back. ``load_parent`` accepts a LlamaForCausalLM directory (Mistral and Qwen2 where the layout is
 the same) or an existing nemotron-nas directory and returns the heterogeneous model with every layer
 the parent variant. Weights are read with safetensors only; pickle checkpoints are refused.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +20,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from puzzle import serving as serving_rules
 from puzzle.errors import ConfigError
-from puzzle.model.config import ModelConfig, hf_common_fields
+from puzzle.model.config import AUTO_MAP_MODULE, ModelConfig, hf_common_fields
 from puzzle.model.modeling import DeciLMForCausalLM
-from puzzle.model.variants import (
-    AttentionVariant,
-    BlockConfig,
-    BlockConfigError,
-    FFNVariant,
-    vllm_intermediate_size,
-)
+from puzzle.model.variants import AttentionVariant, BlockConfig, BlockConfigError, FFNVariant
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# The configuration module every child carries (config.json's auto_map names it): our own file, copied.
+CONFIG_MODULE = AUTO_MAP_MODULE + ".py"
+CONFIG_MODULE_SOURCE = Path(__file__).with_name(CONFIG_MODULE)
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -61,40 +61,22 @@ def save_pretrained(
     out_dir: str | Path,
     tokenizer_dir: str | Path | None = None,
     max_shard_bytes: int = 5 * 2**30,
-    serving: str = "any",
+    serving: str | Sequence[str] = "any",
 ) -> Path:
     """Write the model as a nemotron-nas Hugging Face directory; returns ``out_dir``.
 
-    ``serving='vllm'`` refuses replace_with_linear blocks, which vLLM's nemotron_nas loader cannot build.
+    ``serving`` names the engines the child must load in (``"vllm"``, ``["vllm", "llamacpp"]``, ...;
+    see :mod:`puzzle.serving`): a child that breaks one of their rules is refused (``ValueError`` naming
+    the layer, the field, the engine and what is allowed) before anything is written. Every child also
+    gets the configuration module (``configuration_decilm.py``, named by ``auto_map`` in config.json)
+    that engines resolving the config through transformers load with ``trust_remote_code``.
     """
     cfg = model.current_config()
-    if serving not in ("any", "vllm"):
-        raise ValueError(f"serving: {serving!r} is not allowed; allowed: 'any', 'vllm'")
-    if serving == "vllm":
-        bad = [
-            f"layer {i} {part}"
-            for i, b in enumerate(cfg.block_configs)
-            for part, v in (("attention", b.attention), ("ffn", b.ffn))
-            if v.replace_with_linear
-        ]
-        if bad:
-            raise ValueError(
-                f"serving: 'vllm' cannot load replace_with_linear blocks, but the child has them at "
-                f"{', '.join(bad)}; choose other variants there or save with serving='any'"
-            )
-        # vLLM sizes an FFN from ffn_mult alone (round_up(int(2*ffn_mult*hidden/3), 256)) and ignores
-        # intermediate_size, so any other size would load with the wrong weight shapes there.
-        odd = []
-        for i, b in enumerate(cfg.block_configs):
-            j = b.ffn.to_json(cfg.hidden_size)
-            if b.ffn.kind == "swiglu" and vllm_intermediate_size(j["ffn_mult"], cfg.hidden_size) != b.ffn.intermediate_size:
-                odd.append(f"layer {i} ({b.ffn.name}: {b.ffn.intermediate_size})")
-        if odd:
-            raise ValueError(
-                "serving: 'vllm' sizes FFNs as round_up(int(2*ffn_mult*hidden/3), 256) and ignores intermediate_size, "
-                f"so it cannot load the FFN sizes at {', '.join(odd)}; use ffn_mult values whose size follows that rule "
-                "or save with serving='any'"
-            )
+    engines = serving_rules.parse_serving(serving)
+    broken = serving_rules.block_violations(engines, cfg.to_dict()["block_configs"], cfg.hidden_size,
+                                            int(cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads))
+    if broken:
+        raise ValueError(f"serving: {engines} cannot load this child: {serving_rules.messages(broken)}")
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes: {max_shard_bytes} is not allowed; must be >= 1")
     out = Path(out_dir)
@@ -131,6 +113,7 @@ def save_pretrained(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
         )
     (out / "config.json").write_text(cfg.to_json_string())
+    shutil.copyfile(CONFIG_MODULE_SOURCE, out / CONFIG_MODULE)
     gen: dict[str, Any] = {"do_sample": False}
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(cfg, k) is not None:

@@ -583,42 +583,42 @@ class DeciLMForCausalLM(nn.Module):
         V = logits.shape[-1]
         scores = torch.full((B, K), float("-inf"), device=dev)
         scores[:, 0] = 0.0  # all beams start identical: only one may expand at step 0
-        gen = torch.zeros(B * K, 0, dtype=torch.long, device=dev)
-        finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
+        # The bookkeeping (which beam continues, which hypothesis finished) runs on host lists, one
+        # device-to-host copy a step: per-element reads of device tensors would sync the GPU each time.
+        gen: list[list[int]] = [[] for _ in range(B * K)]
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
         done = [False] * B
         eos_set = set(eos)
+        neg = float("-inf")
         for step in range(n):
             logp = F.log_softmax(logits.float(), dim=-1).view(B, K, V) + scores[:, :, None]
             top, idx = logp.view(B, K * V).topk(2 * K, dim=-1)  # (B, 2K)
-            beam_src, tok = idx // V, idx % V
-            new_scores = torch.full((B, K), float("-inf"), device=dev)
-            new_src = torch.zeros(B, K, dtype=torch.long, device=dev)
-            new_tok = torch.full((B, K), pad, dtype=torch.long, device=dev)
+            top_l, idx_l = top.tolist(), idx.tolist()
+            new_scores = [[neg] * K for _ in range(B)]
+            new_src = [[0] * K for _ in range(B)]
+            new_tok = [[pad] * K for _ in range(B)]
             gen_len = step + 1
             for b in range(B):
                 if done[b]:
                     continue
                 j = 0
                 for r in range(2 * K):
-                    s, src, t = float(top[b, r]), int(beam_src[b, r]), int(tok[b, r])
-                    if s == float("-inf"):
+                    s, src, t = top_l[b][r], idx_l[b][r] // V, idx_l[b][r] % V
+                    if s == neg:
                         break
                     if t in eos_set:
                         # An EOS among the top-K candidates finishes a hypothesis; beyond rank K it is ignored.
                         if r < K:
-                            seq = torch.cat([gen[b * K + src], torch.tensor([t], device=dev)])
-                            finished[b].append((s / gen_len ** lp, seq))
+                            finished[b].append((s / gen_len ** lp, [*gen[b * K + src], t]))
                         continue
-                    new_scores[b, j], new_src[b, j], new_tok[b, j] = s, src, t
+                    new_scores[b][j], new_src[b][j], new_tok[b][j] = s, src, t
                     j += 1
                     if j == K:
                         break
                 finished[b].sort(key=lambda x: -x[0])
                 finished[b] = finished[b][:K]
-                best_running = float(new_scores[b, 0])
-                if len(finished[b]) >= K and (
-                    best_running == float("-inf") or best_running / gen_len ** lp <= finished[b][-1][0]
-                ):
+                best_running = new_scores[b][0]
+                if len(finished[b]) >= K and (best_running == neg or best_running / gen_len ** lp <= finished[b][-1][0]):
                     done[b] = True
             if all(done) or step == n - 1:
                 # Running beams count as hypotheses when the budget ends.
@@ -626,25 +626,25 @@ class DeciLMForCausalLM(nn.Module):
                     if done[b]:
                         continue
                     for k in range(K):
-                        s = float(new_scores[b, k])
-                        if s == float("-inf"):
+                        s = new_scores[b][k]
+                        if s == neg:
                             continue
-                        src = int(new_src[b, k])
-                        seq = torch.cat([gen[b * K + src], new_tok[b, k:k + 1]])
-                        finished[b].append((s / gen_len ** lp, seq))
+                        finished[b].append((s / gen_len ** lp, [*gen[b * K + new_src[b][k]], new_tok[b][k]]))
                 break
-            flat_src = (torch.arange(B, device=dev)[:, None] * K + new_src).view(-1)  # (B*K,)
-            gen = torch.cat([gen.index_select(0, flat_src), new_tok.view(-1, 1)], dim=1)
+            flat = [b * K + new_src[b][k] for b in range(B) for k in range(K)]
+            gen = [[*gen[src], new_tok[i // K][i % K]] for i, src in enumerate(flat)]
+            flat_src = torch.tensor(flat, dtype=torch.long, device=dev)  # (B*K,)
+            tok_t = torch.tensor(new_tok, dtype=torch.long, device=dev)  # (B, K)
             cache.reorder(flat_src)
             mask = torch.cat([mask.index_select(0, flat_src), torch.ones(B * K, 1, dtype=torch.long, device=dev)], 1)
-            scores = new_scores
-            logits = self(new_tok.view(-1, 1), attention_mask=mask, position_ids=self._step_inputs(mask),
+            scores = torch.tensor(new_scores, device=dev)
+            logits = self(tok_t.view(-1, 1), attention_mask=mask, position_ids=self._step_inputs(mask),
                           cache=cache)[:, -1]
         rows = []
         for b in range(B):
             hyps = sorted(finished[b], key=lambda x: -x[0])[:R]
             for _, seq in hyps:
                 full = torch.full((n,), pad, dtype=torch.long, device=dev)
-                full[: seq.numel()] = seq
+                full[: len(seq)] = torch.tensor(seq, dtype=torch.long, device=dev)
                 rows.append(torch.cat([input_ids[b], full]))
         return torch.stack(rows)

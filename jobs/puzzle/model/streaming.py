@@ -77,6 +77,7 @@ class ParentLayers:
         self._resident = {i: self._materialize(i, self._host_tensors(i, cache=False)) for i in self.resident_layers}
         self.skeleton = self._skeleton()
         self.streamed_loads = 0  # layers copied to the device so far (a benchmark figure)
+        self._last: tuple[int, DeciLayer] | None = None
 
     # -- where tensors live --
     def _tensor_files(self) -> dict[str, str]:
@@ -164,14 +165,20 @@ class ParentLayers:
         return layer, event
 
     def layer(self, i: int) -> DeciLayer:
-        """Layer ``i`` on the device (resident, or loaded now)."""
+        """Layer ``i`` on the device (resident, or loaded now; the last one loaded this way is kept, since
+        initializing a stage's blocks asks for the same layer once per block)."""
         if i in self._resident:
             return self._resident[i]
+        if self._last is not None and self._last[0] == i:
+            return self._last[1]
         self.streamed_loads += 1
-        return self._ready(*self._start(i))
+        layer = self._ready(*self._start(i))
+        self._last = (i, layer)
+        return layer
 
     def layers(self, start: int, end: int) -> Iterator[tuple[int, DeciLayer]]:
         """Layers ``start .. end-1`` in order; the next streamed one is prefetched while the caller computes."""
+        self._last = None  # free the layer `layer()` kept: a pass holds at most two streamed layers
         order = list(range(start, end))
         pending: cf.Future | None = None
         for pos, i in enumerate(order):
@@ -218,6 +225,7 @@ class ParentLayers:
         self._pool.shutdown(wait=True)
         self._resident.clear()
         self._host.clear()
+        self._last = None
 
 
 __all__ = ["ParentLayers", "layer_bytes"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from puzzle.errors import BadInputError
+from puzzle.serving import ffn_grid_size
 
 # Rounding more coarse than this (relative growth) is replaced by an explicit, finer intermediate size.
 _MAX_ROUNDING_GROWTH = 0.25
@@ -36,8 +37,8 @@ def _round_up(n: int, k: int) -> int:
 
 
 def vllm_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
-    """The intermediate size vLLM's nemotron_nas loader derives from ffn_mult."""
-    return _round_up(int(2 * ffn_mult * hidden_size / 3), 256)
+    """The intermediate size vLLM's nemotron_nas loader derives from ffn_mult (the engines' grid)."""
+    return ffn_grid_size(ffn_mult, hidden_size)
 
 
 def ffn_intermediate_size(ffn_mult: float, hidden_size: int) -> int:

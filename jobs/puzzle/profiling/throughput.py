@@ -150,6 +150,10 @@ class ScenarioProfile:
             raise ProfileError(f"kind: {kind!r} is not allowed; allowed: {list(KINDS)}")
         v = variant_from_name(variant, self.hidden_size) if isinstance(variant, str) else variant
         got = self._by_variant.get((kind, v))
+        if got is None and v.no_op:
+            # a no_op runs no kernels and holds nothing: its cost is zero whether or not it was profiled
+            # (the layer-drop baseline uses no_op blocks even when the search space offers none)
+            return VariantCost(kind, v.name, 0.0, 0.0, 0.0, 0, 0, 0, 0, False)
         if got is None:
             raise ProfileError(
                 f"scenario {self.name!r}: no {kind} profile for variant {v.name!r}; profiled: {self.variants(kind)}"

@@ -27,6 +27,7 @@ import math
 import time
 from typing import Any
 
+from puzzle import serving as serving_rules
 from puzzle.context import StepContext
 from puzzle.data.shards import load_tokens, sequences
 from puzzle.errors import UnitError
@@ -34,6 +35,7 @@ from puzzle.layout import checkpoint_prefix, child_complete_key, child_prefix
 from puzzle.library import Library, LibraryError, check_parent_unchanged
 from puzzle.model import (
     AttentionVariant,
+    BlockConfig,
     DeciLMForCausalLM,
     FFNVariant,
     attention_variant_from_name,
@@ -115,18 +117,24 @@ def run(ctx: StepContext) -> None:
     child = load_parent(parent_dir, dtype=dtype, device=device)
     n = len(child.model.layers)
     blocks = parse_block_configs(unit.get("block_configs"), n, child.config.hidden_size)
-    if cfg.search_space.serving == "vllm":
-        bad = [f"layer {i} {v.name}" for i, b in enumerate(blocks) for v in b if v.replace_with_linear]
-        if bad:
-            raise UnitError(
-                f"search_space.serving: 'vllm' cannot load replace_with_linear blocks, but unit {ctx.unit_id} has "
-                f"{', '.join(bad)}; vLLM's nemotron_nas loader has no such module"
-            )
+    # Before any GKD: a child the engines of search_space.serving cannot load is refused with the rule.
+    serving = cfg.search_space.serving
+    broken = serving_rules.block_violations(
+        serving, [BlockConfig(a, f).to_json(child.config.hidden_size) for a, f in blocks],
+        child.config.hidden_size, int(child.config.head_dim))
+    if broken and kind == "parent":
+        # The parent is the reference the children are compared with, not a child to serve.
+        log.warning("the parent breaks search_space.serving %s (%s); saved without those rules",
+                    serving, serving_rules.messages(broken))
+        serving = ["any"]
+    elif broken:
+        raise UnitError(f"search_space.serving: {serving} cannot load unit {ctx.unit_id}: "
+                        f"{serving_rules.messages(broken)}")
     needs_library = any(
         not v.no_op and v != getattr(child.model.layers[i], part)
         for i, b in enumerate(blocks) for v, part in zip(b, ("attention_variant", "ffn_variant"), strict=True)
     )
-    library = Library.for_run(ctx) if needs_library else None
+    library = Library.for_run(ctx.store, ctx.config, ctx.parent_dir) if needs_library else None
     build_child(child, blocks, library, coupled=cfg.bld.mode == "coupled")
 
     gkd: dict[str, Any] = {"enabled": False}
@@ -156,7 +164,7 @@ def run(ctx: StepContext) -> None:
     out = ctx.scratch / "child"
     try:
         save_pretrained(child, out, tokenizer_dir=parent_dir, max_shard_bytes=cfg.assemble.max_shard_bytes,
-                        serving=cfg.search_space.serving)
+                        serving=serving)
     except ValueError as err:
         raise UnitError(str(err)) from None
     # publish_child checks the directory holds what readers need, removes what an earlier attempt left,

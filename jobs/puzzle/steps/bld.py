@@ -136,8 +136,13 @@ def run(ctx: StepContext) -> None:
     unit = parse_unit(ctx.unit, pcfg, config.bld.mode)
     lib = Library.for_run(ctx.store, config, parent_dir)
     pairs = [(i, name) for i in unit.layers for name in unit.blocks if not _is_parent_variant(pcfg, i, name)]
-    reused = [(i, name) for i, name in pairs if lib.has(i, name)]
-    todo = [(i, name) for i, name in pairs if not lib.has(i, name)]
+    usable = {(i, name): lib.usable(i, name) for i, name in pairs}
+    reused = [p for p in pairs if usable[p]]
+    todo = [p for p in pairs if not usable[p]]
+    for i, name in todo:
+        if lib.has(i, name):
+            log.warning("bld %s: library entry %s is damaged (unreadable meta or missing weights); training it "
+                        "again", unit.id, entry_name(i, name))
     if reused:
         log.info("bld %s: %d blocks reused from library %s", unit.id, len(reused), lib.uri)
     for i, name in reused:

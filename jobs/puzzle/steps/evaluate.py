@@ -10,8 +10,9 @@ measures, on the same data for every unit:
 - throughput: tokens/s measured per profile scenario (``puzzle.profiling.bench``) next to the
   prediction solve made for this architecture, and the parent's measured right after it in the same
   unit (``paired_speedup``: both under the same load);
-- ICL (``eval.icl.enabled``): exact match per dataset:split x selection method; Cover-LS's structures
-  come from the parent's beams for every unit, so parent and child see the same demonstrations;
+- ICL (``eval.icl.enabled``): exact match per dataset:split x selection method; the query programs come
+  from the structure predictor (the parent's beams by default, the same for every unit) and the prompt
+  budget from the parent's context, so parent and child are shown the same prompts;
 - lm-evaluation-harness tasks (``eval.lm_eval_tasks``) through its Python API.
 
 The parent's own task/ICL/throughput figures are the ``parent`` unit's; the report divides by them
@@ -23,23 +24,26 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from puzzle.context import StepContext
 from puzzle.data.shards import load_tokens, sequences
+from puzzle.errors import UnitError
 from puzzle.evaluation import (
-    DeciTextGenerator,
     compare_to_parent,
     icl_results,
     lm_eval_results,
     task_accuracy,
     throughput_figures,
 )
+from puzzle.generation import DeciTextGenerator
 from puzzle.layout import eval_report_key
 from puzzle.library import check_parent_unchanged
 from puzzle.model import load_parent, load_pretrained
 from puzzle.model.io import torch_dtype
 from puzzle.run import download_child
+from puzzle.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ def run(ctx: StepContext) -> None:
     ctx.metrics.set("eval_kl", out["quality"]["kl"], help="KL(parent||model) per held-out token")
     ctx.metrics.set("eval_perplexity", out["quality"]["perplexity"], help="Held-out perplexity")
 
-    gen = DeciTextGenerator(child, child_dir)
+    gen = DeciTextGenerator(child, child_dir, batch_size=ev.generation_batch_size)
     out["task"] = None
     if ev.task_examples > 0:
         out["task"] = task_accuracy(gen, ev.task_examples, seed=cfg.seed)
@@ -87,9 +91,12 @@ def run(ctx: StepContext) -> None:
                                 help="Measured generation throughput", scenario=sc)
 
     out["icl"] = None
-    if ev.icl.enabled:
-        aux = DeciTextGenerator(parent, ctx.parent_dir()) if parent is not None else None
-        out["icl"] = icl_results(gen, ev.icl, aux)
+    if ev.icl.enabled and record.get("kind") in ev.icl_models:
+        # The parent both predicts the query programs (structure_predictor: parent) and sets the prompt
+        # budget, so every unit is shown the same prompts; only the answering model differs.
+        parent_gen = (DeciTextGenerator(parent, ctx.parent_dir(), batch_size=ev.generation_batch_size)
+                      if parent is not None else gen)
+        out["icl"] = icl_results(gen, ev.icl, _structure_predictor(ctx, parent_gen, dtype, device), parent_gen)
 
     out["lm_eval"] = None
     if ev.lm_eval_tasks:
@@ -99,6 +106,26 @@ def run(ctx: StepContext) -> None:
     ctx.store.put_json(eval_report_key(uid), out)
     log.info("evaluated %s in %.1fs: kl %.4f, ppl %.2f", uid, out["seconds"], out["quality"]["kl"],
              out["quality"]["perplexity"])
+
+
+def _structure_predictor(ctx: StepContext, parent_gen: DeciTextGenerator, dtype, device) -> DeciTextGenerator | None:
+    """eval.icl.structure_predictor: the parent's generator, the model at predictor_uri, or None (oracle)."""
+    icl = ctx.config.eval.icl
+    if icl.structure_predictor == "oracle":
+        return None
+    if icl.structure_predictor == "parent":
+        return parent_gen
+    uri = icl.predictor_uri or ""
+    if uri.startswith("s3://"):
+        path = ctx.scratch / "structure-predictor"
+        if not path.exists():
+            open_store(uri, ctx.config.store).download_dir("", path)
+    else:
+        path = Path(uri.removeprefix("file://"))
+        if not (path / "config.json").is_file():
+            raise UnitError(f"eval.icl.predictor_uri: {uri!r} is not a Hugging Face model directory (no config.json)")
+    return DeciTextGenerator(load_parent(path, dtype=dtype, device=device), path,
+                             batch_size=ctx.config.eval.generation_batch_size)
 
 
 __all__ = ["run"]

@@ -80,8 +80,10 @@ def run(ctx: StepContext) -> None:
         raw = read_uri_bytes(uri, cfg.store, field=f"data.{split}_uri")
         source = {"uri": uri, "sha256": sha256(raw), "max_tokens": budget}
         manifest_key = layout.data_manifest_key(split)
-        if ctx.store.exists(manifest_key) and ctx.store.get_json(manifest_key)["source"] == source:
-            continue  # a retried prepare: shards already complete
+        if ctx.store.exists(manifest_key):
+            manifest = ctx.store.get_json(manifest_key)
+            if manifest["source"] == source and all(ctx.store.exists(sh["key"]) for sh in manifest["shards"]):
+                continue  # a retried prepare: shards already complete
         tokens = tokenize_text(raw, uri, tokenizer, eos_id, budget)
         if len(tokens) < cfg.data.seq_len:
             raise ConfigError(

@@ -106,7 +106,7 @@ def run(ctx: StepContext) -> None:
     n = pcfg.num_hidden_layers
     if not (isinstance(a, int) and isinstance(b, int) and not isinstance(a, bool) and 0 <= a < b <= n):
         raise UnitError(f"layers: {ctx.unit.get('layers')!r} is not allowed; need [a, b] with 0 <= a < b <= {n}")
-    lib = Library.for_run(ctx)
+    lib = Library.for_run(ctx.store, ctx.config, ctx.parent_dir)
     own = {i: (bc.attention.name, bc.ffn.name) for i, bc in enumerate(pcfg.block_configs)}
 
     cands: list[Candidate] = []
@@ -198,7 +198,8 @@ def run(ctx: StepContext) -> None:
 
 def _task_accuracy_drops(ctx: StepContext, parent_dir, cands: list[Candidate], dtype, device) -> dict:
     """Parent task exact match minus the swapped model's, per (layer, kind, variant) (score.task_examples)."""
-    from puzzle.evaluation import DeciTextGenerator, task_accuracy
+    from puzzle.evaluation import task_accuracy
+    from puzzle.generation import DeciTextGenerator
 
     parent = load_parent(parent_dir, dtype=dtype, device=device).eval()
     n, seed = ctx.config.score.task_examples, ctx.config.seed

@@ -9,8 +9,9 @@ profiles of every scenario (``profile/<scenario>/``; a measured profile whose sp
   memory and speedup per scenario, objective, solver status, gap, seconds);
 - ``solve/pareto.json``: the degradation against throughput sweep;
 - ``plan/assemble.json``: the units of assemble/evaluate: the parent itself, every solution, and the
-  two baselines at the first solution's predicted throughput (uniform FFN shrinking; layer dropping
-  by input/output similarity).
+  baselines around the first solution's predicted throughput: uniform FFN shrinking (one FFN variant on
+  every layer) and layer dropping (by input/output similarity), each at the two settings whose predicted
+  throughput brackets the child's, so the report compares them with the child at equal measured speed.
 
 Infeasible constraints fail with the best value each violated constraint can reach (exit 2).
 """
@@ -26,6 +27,7 @@ from puzzle.context import StepContext
 from puzzle.errors import ConfigError
 from puzzle.model import BlockConfig, variant_from_name
 from puzzle.profiling.throughput import ScenarioProfile, load_scenario_profile, predict
+from puzzle.serving import slot_allowed
 from puzzle.solver import (
     DECODE,
     MEMORY,
@@ -66,6 +68,7 @@ def build_problem(ctx: StepContext, profiles: dict[str, ScenarioProfile]) -> Sea
     variants = ctx.store.get_json(layout.VARIANTS_PLAN)
     parent_blocks = variants["parent"]
     field = METRIC_FIELD[ctx.config.score.metric]
+    serving = ctx.config.search_space.serving  # the engines' one per-layer rule (puzzle.serving.slot_allowed)
 
     def score(layer: int, name: str) -> float:
         key = layout.score_key(layer, name)
@@ -84,6 +87,8 @@ def build_problem(ctx: StepContext, profiles: dict[str, ScenarioProfile]) -> Sea
             for a in variants["attention"]:
                 for f in variants["ffn"]:
                     name = f"{a}+{f}"
+                    if not slot_allowed(serving, layer, "block", name):
+                        continue
                     res = _add(_resources(profiles, "attention", a), _resources(profiles, "ffn", f))
                     cands.append(Candidate(name, score(layer, name), res))
             slots[(layer, "block")] = cands
@@ -91,7 +96,7 @@ def build_problem(ctx: StepContext, profiles: dict[str, ScenarioProfile]) -> Sea
         else:
             for slot in ("attention", "ffn"):
                 slots[(layer, slot)] = [Candidate(v, score(layer, v), _resources(profiles, slot, v))
-                                        for v in variants[slot]]
+                                        for v in variants[slot] if slot_allowed(serving, layer, slot, v)]
                 parent[(layer, slot)] = pb[slot]
     non_block = _resources(profiles, "non_block", "non_block")
     return SearchProblem(slots=slots, non_block=non_block, parent=parent)
@@ -121,22 +126,40 @@ def predicted(profiles: dict[str, ScenarioProfile], blocks: list[dict[str, str]]
     return out
 
 
-def uniform_ffn_baseline(profiles, variants, target_sc: str, target_tps: float, hidden: int) -> list[dict[str, str]]:
-    """The parent's attention and one FFN variant on every layer: the slowest variant that still reaches
-    the target throughput (the closest match), or the fastest one when none does."""
+def _bracket(options: list[tuple[float, Any]], target_tps: float) -> list[Any]:
+    """Of (predicted tokens/s, x) options, the slowest that reaches the target and the fastest that does not:
+    the two that bracket it, so the report can compare a child with its baselines at equal speed."""
+    reaching = [o for o in options if o[0] >= target_tps]
+    below = [o for o in options if o[0] < target_tps]
+    out = []
+    if below:
+        out.append(max(below, key=lambda o: o[0])[1])
+    if reaching:
+        out.append(min(reaching, key=lambda o: o[0])[1])
+    return out
+
+
+def uniform_ffn_baselines(profiles, variants, target_sc: str, target_tps: float, hidden: int) -> list[dict[str, Any]]:
+    """Uniform FFN shrinking: the parent's attention and ONE FFN variant on every layer; the variants whose
+    predicted throughput brackets the target (one just below, one just above)."""
     parent_blocks = variants["parent"]
     options = []
     for f in variants["ffn"]:
+        if f == parent_blocks[0]["ffn"] and all(b["ffn"] == f for b in parent_blocks):
+            continue  # that is the parent itself
         blocks = [{"attention": b["attention"], "ffn": f} for b in parent_blocks]
         tps = predicted({target_sc: profiles[target_sc]}, blocks, parent_blocks, hidden)[target_sc]["tokens_per_s"]
-        options.append((tps, blocks))
-    reaching = [o for o in options if o[0] >= target_tps]
-    return min(reaching, key=lambda o: o[0])[1] if reaching else max(options, key=lambda o: o[0])[1]
+        what = "every FFN removed (ffn_noop on every layer)" if f == "ffn_noop" else (
+            f"every FFN replaced by {f}")
+        options.append((tps, {"id": f"baseline-uniform-{f.replace('_', '-')}", "kind": "uniform_ffn",
+                              "block_configs": blocks, "description": f"uniform FFN: {what}, the parent's attention kept"}))
+    return _bracket(options, target_tps)
 
 
-def layer_drop_baseline(ctx, profiles, variants, target_sc: str, target_tps: float, hidden: int) -> list[dict[str, str]]:
-    """Drop whole layers (attn_noop + ffn_noop), most similar input/output hidden states first, until the
-    predicted throughput reaches the target (at most all but one layer)."""
+def layer_drop_baselines(ctx, profiles, variants, target_sc: str, target_tps: float,
+                         hidden: int) -> list[dict[str, Any]]:
+    """Layer dropping: whole layers removed (attn_noop + ffn_noop), most similar input/output hidden states
+    first; the two drop counts whose predicted throughput brackets the target."""
     parent_blocks = variants["parent"]
     n = len(parent_blocks)
     sims = []
@@ -146,13 +169,18 @@ def layer_drop_baseline(ctx, profiles, variants, target_sc: str, target_tps: flo
             raise ConfigError(f"layer-drop baseline: {key} is missing; run the score step first")
         sims.append((ctx.store.get_json(key)["cosine_similarity"], layer))
     order = [layer for _, layer in sorted(sims, reverse=True)]
+    options = []
     blocks = [dict(b) for b in parent_blocks]
-    for layer in order[: n - 1]:
+    for k, layer in enumerate(order[: n - 1], 1):
         blocks[layer] = {"attention": "attn_noop", "ffn": "ffn_noop"}
         tps = predicted({target_sc: profiles[target_sc]}, blocks, parent_blocks, hidden)[target_sc]["tokens_per_s"]
+        dropped = sorted(order[:k])
+        options.append((tps, {"id": f"baseline-drop-{k}", "kind": "layer_drop", "block_configs": [dict(b) for b in blocks],
+                              "description": f"layer dropping: {k} of {n} layers removed ({dropped}), the most "
+                                             "similar input/output first"}))
         if tps >= target_tps:
             break
-    return blocks
+    return _bracket(options, target_tps)
 
 
 def run(ctx: StepContext) -> None:
@@ -200,11 +228,8 @@ def run(ctx: StepContext) -> None:
     units += [{"id": r["id"], "kind": "puzzle", "block_configs": r["block_configs"], "predicted": r["predicted"]}
               for r in records]
     if cfg.eval.baselines:
-        for uid, kind, blocks in (
-            ("baseline-uniform-ffn", "uniform_ffn", uniform_ffn_baseline(profiles, variants, first, target_tps, hidden)),
-            ("baseline-layer-drop", "layer_drop", layer_drop_baseline(ctx, profiles, variants, first, target_tps, hidden)),
-        ):
-            units.append({"id": uid, "kind": kind, "block_configs": blocks,
-                          "predicted": predicted(profiles, blocks, variants["parent"], hidden)})
+        for b in (uniform_ffn_baselines(profiles, variants, first, target_tps, hidden)
+                  + layer_drop_baselines(ctx, profiles, variants, first, target_tps, hidden)):
+            units.append({**b, "predicted": predicted(profiles, b["block_configs"], variants["parent"], hidden)})
     ctx.store.put_json(layout.plan_key("assemble"), units)
     ctx.metrics.set("solve_seconds", time.time() - started, help="Seconds spent solving, sweep included")

@@ -30,6 +30,7 @@ from puzzle.config import StoreConfig
 from puzzle.store.base import (
     RESERVED_PREFIX,
     ArtifactNotFoundError,
+    BucketNotFoundError,
     CorruptArtifactError,
     CredentialsError,
     InvalidKeyError,
@@ -40,6 +41,7 @@ from puzzle.store.base import (
     TransferSettings,
     file_sha256,
     join_uri,
+    recording,
     validate_key,
 )
 from puzzle.store.file import FileStore, open_file_store
@@ -71,6 +73,7 @@ def open_store(
 __all__ = [
     "RESERVED_PREFIX",
     "ArtifactNotFoundError",
+    "BucketNotFoundError",
     "CorruptArtifactError",
     "CredentialsError",
     "FileStore",
@@ -85,5 +88,6 @@ __all__ = [
     "is_transient",
     "join_uri",
     "open_store",
+    "recording",
     "validate_key",
 ]

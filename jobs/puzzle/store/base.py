@@ -9,11 +9,14 @@ This module imports no S3 library, so ``file://`` runs never load boto3.
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,6 +162,36 @@ def _verify(where: str, key: str, expected: str | None, actual: str) -> None:
         )
 
 
+class BucketNotFoundError(StoreError, BadInputError):
+    """The S3 bucket named by a URI does not exist: a config problem, not an outage (exit 2)."""
+
+
+# ----- what a unit wrote: recorded while it runs, so its done marker can list (and resume verify) it -----
+_RECORDING: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("puzzle_store_recording",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, str]]:
+    """Record every object written in this context (in this thread) as ``{full URI: sha256}``."""
+    written: dict[str, str] = {}
+    token = _RECORDING.set(written)
+    try:
+        yield written
+    finally:
+        _RECORDING.reset(token)
+
+
+def _note(uri: str, sha: str | None) -> None:
+    """An object was written (``sha``) or deleted (None) at ``uri``: what the unit leaves is what counts."""
+    written = _RECORDING.get()
+    if written is not None:
+        if sha is None:
+            written.pop(uri, None)
+        else:
+            written[uri] = sha
+
+
 class Store(abc.ABC):
     """A store rooted at ``uri``. Keys are relative to the root; see :mod:`puzzle.store`."""
 
@@ -188,6 +221,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_file(self, key: str, path: str | os.PathLike[str]) -> Path:
         """Read ``key`` into the local file ``path`` (replaced atomically, verified); returns it."""
+
+    @abc.abstractmethod
+    def stored_sha256(self, key: str) -> str | None:
+        """The sha256 recorded with ``key`` when it was written (None when there is no object), without
+        reading the object itself: what resume compares a done unit's outputs with."""
 
     @abc.abstractmethod
     def exists(self, key: str) -> bool:

@@ -30,6 +30,7 @@ from puzzle.store.base import (
     StoreError,
     SymlinkError,
     _join_keys,
+    _note,
     _verify,
     join_uri,
     validate_key,
@@ -142,6 +143,7 @@ class FileStore(Store):
                 sidecar.unlink(missing_ok=True)
                 os.replace(tmp, path)
                 os.replace(tmp_sha, sidecar)
+                _note(self._where(key), hashing.hexdigest())
             finally:
                 tmp.unlink(missing_ok=True)
                 tmp_sha.unlink(missing_ok=True)
@@ -210,6 +212,12 @@ class FileStore(Store):
             tmp.unlink(missing_ok=True)
         return dst
 
+    def stored_sha256(self, key: str) -> str | None:
+        try:
+            return self._expected_sha(key, self._path(key)) if self.exists(key) else None
+        except ArtifactNotFoundError:
+            return None
+
     def exists(self, key: str) -> bool:
         path = self._path(key)
         sidecar = self._sidecar(path)
@@ -253,6 +261,7 @@ class FileStore(Store):
         try:
             sidecar.unlink(missing_ok=True)  # invisible first, then gone
             path.unlink(missing_ok=True)
+            _note(self._where(key), None)
         except IsADirectoryError:
             raise StoreError(f"{self._where(key)}: is a prefix of other keys, not an object") from None
         except OSError as err:

@@ -26,6 +26,7 @@ from puzzle.store.base import (
     _TMP_PREFIX,
     RESERVED_PREFIX,
     ArtifactNotFoundError,
+    BucketNotFoundError,
     CredentialsError,
     InvalidKeyError,
     RetryPolicy,
@@ -33,6 +34,7 @@ from puzzle.store.base import (
     StoreError,
     TransferSettings,
     _join_keys,
+    _note,
     _verify,
     file_sha256,
     join_uri,
@@ -189,8 +191,9 @@ class S3Store(Store):
                 if code in ("NoSuchKey", "404", "NotFound"):
                     raise ArtifactNotFoundError(f"{self._where(key)}: no such artifact") from None
                 if code == "NoSuchBucket":
-                    raise StoreError(
-                        f"{self._where(key)}: {what} failed: bucket {self._bucket!r} does not exist"
+                    raise BucketNotFoundError(
+                        f"{self._where(key)}: {what} failed: bucket {self._bucket!r} does not exist; allowed: "
+                        "an existing bucket (create it, or fix store.uri / parent.uri / data.*_uri)"
                     ) from None
                 if not is_transient(err):
                     if isinstance(err, ClientError):
@@ -228,6 +231,7 @@ class S3Store(Store):
                 mgr.upload(f, self._bucket, full, extra_args={"Metadata": {_SHA_META: sha}}).result()
 
         self._call(key, "put", go)
+        _note(self._where(key), sha)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         data = bytes(data)
@@ -282,6 +286,12 @@ class S3Store(Store):
             tmp.unlink(missing_ok=True)
         return dst
 
+    def stored_sha256(self, key: str) -> str | None:
+        try:
+            return self._head(key).get("Metadata", {}).get(_SHA_META)
+        except ArtifactNotFoundError:
+            return None
+
     def exists(self, key: str) -> bool:
         try:
             self._head(key)
@@ -316,6 +326,7 @@ class S3Store(Store):
     def delete(self, key: str) -> None:
         full = self._k(key)
         self._call(key, "delete", lambda: self._client.delete_object(Bucket=self._bucket, Key=full))
+        _note(self._where(key), None)
 
     def child(self, prefix: str) -> S3Store:
         validate_key(prefix)
