@@ -112,7 +112,10 @@ def throughput_figures(
     at different times see different loads, and a ratio across units would carry that noise."""
     from puzzle.profiling.bench import measure_throughput
     from puzzle.profiling.profiler import target_device
+    from puzzle.profiling.timing import cpu_clock
 
+    # on a CPU, the clock the profiles were taken with: measured and predicted compare like with like
+    clock = cpu_clock(settings.cpu_clock)
     out: dict[str, Any] = {}
     for sc in scenarios:
         pred = (predicted or {}).get(sc.name)
@@ -121,12 +124,12 @@ def throughput_figures(
                             "reason": f"device {sc.device!r} is absent on this machine"}
             continue
         m = measure_throughput(model, sc, warmup=settings.warmup, repeats=settings.repeats,
-                               cuda_graphs=settings.cuda_graphs, seed=seed).to_dict()
+                               cuda_graphs=settings.cuda_graphs, seed=seed, clock=clock).to_dict()
         ratio = m["tokens_per_s"] / pred["tokens_per_s"] if pred and pred.get("tokens_per_s") else None
         out[sc.name] = {"predicted": pred, "measured": m, "measured_over_predicted": ratio}
         if reference is not None:
             ref = measure_throughput(reference, sc, warmup=settings.warmup, repeats=settings.repeats,
-                                     cuda_graphs=settings.cuda_graphs, seed=seed).to_dict()
+                                     cuda_graphs=settings.cuda_graphs, seed=seed, clock=clock).to_dict()
             out[sc.name]["reference_measured"] = ref
             out[sc.name]["paired_speedup"] = m["tokens_per_s"] / ref["tokens_per_s"]
     return out
