@@ -18,7 +18,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 import yaml
-from puzzle import k8s, pipeline
+from puzzle import argo, k8s
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "puzzle"
@@ -96,7 +96,7 @@ def test_workflow_template_survives_helm_unchanged_except_named_fields(rendered)
                 for sem in (t.get("synchronization") or {}).get("semaphores", []):
                     sem["configMapKeyRef"].pop("name")
         assert a == b, f"{scenario}: the chart changed the WorkflowTemplate beyond the named fields"
-        assert wt["metadata"]["name"] == pipeline.template_name()
+        assert wt["metadata"]["name"] == argo.template_name()
 
 
 def test_shipped_file_is_the_rendered_one():
@@ -127,7 +127,7 @@ def test_values_become_parameter_defaults(rendered):
     default = _params(by_kind(rendered["default-values.yaml"], "WorkflowTemplate")[0])
     assert default["store-prefix"] is None and default["gpu-tolerations"] == "[]"
     sem = by_kind(rendered["gpu-tolerations-values.yaml"], "ConfigMap")
-    assert any(c["data"].get(pipeline.GPU_SEMAPHORE_KEY) == "16" for c in sem)
+    assert any(c["data"].get(argo.GPU_SEMAPHORE_KEY) == "16" for c in sem)
 
 
 def test_every_reference_resolves(rendered):
@@ -222,7 +222,7 @@ def test_monitoring_objects(rendered):
 
 
 def test_argo_metric_names_match_the_workflow_template():
-    wt = pipeline.render_workflow_template()
+    wt = argo.render_workflow_template()
     names = {m["name"] for t in wt["spec"]["templates"] for m in (t.get("metrics") or {}).get("prometheus", [])}
     assert names == ARGO_METRICS
 
@@ -230,5 +230,5 @@ def test_argo_metric_names_match_the_workflow_template():
 def test_notes_name_the_next_commands():
     with helm.Chart.load(CHART) as chart:
         notes = chart.render({"store": {"prefix": "s3://runs/p"}}, name="x", namespace="ml")["puzzle/templates/NOTES.txt"]
-    assert f"--from workflowtemplate/{pipeline.template_name()}" in notes
+    assert f"--from workflowtemplate/{argo.template_name()}" in notes
     assert "puzzle submit" in notes and "puzzle status s3://runs/p/RUN_ID" in notes and "puzzle fetch" in notes

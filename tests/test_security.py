@@ -4,7 +4,7 @@ weights only as safetensors, never ``trust_remote_code``; keys and run ids canno
 
 The chart is rendered with real Helm (tests/test_chart.py's ``render``); the RBAC allow-list and the
 WorkflowTemplate lock-down are ``puzzle.k8s.rbac_violations`` / ``security_problems`` (also used by
-test_chart.py and test_pipeline.py), and ``restricted_pss_problems`` below adds what those leave out:
+test_chart.py and test_argo.py), and ``restricted_pss_problems`` below adds what those leave out:
 every pod-bearing object, host namespaces and paths, privileged mode, added capabilities, volume types.
 """
 
@@ -23,7 +23,7 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-from puzzle import k8s, pipeline
+from puzzle import argo, k8s
 from puzzle.config import ConfigError, load_config_text
 from puzzle.run import create_run, run_id_of
 from puzzle.store import InvalidKeyError, open_store, validate_key
@@ -183,7 +183,7 @@ def test_a_deployment_is_checked_too():
 
 
 def test_template_names_are_unique():
-    names = [t["name"] for t in pipeline.render_workflow_template()["spec"]["templates"]]
+    names = [t["name"] for t in argo.render_workflow_template()["spec"]["templates"]]
     assert len(names) == len(set(names)), names
 
 
@@ -200,9 +200,9 @@ def test_no_secret_in_any_rendered_manifest(monkeypatch):
         text = json.dumps(render(values))
         assert SENTINEL not in text, scenario.name
         assert "team-s3-credentials" in text
-    wt = json.dumps(pipeline.render_workflow_template())
+    wt = json.dumps(argo.render_workflow_template())
     assert SENTINEL not in wt
-    refs = [e for t in pipeline.render_workflow_template()["spec"]["templates"] if "container" in t
+    refs = [e for t in argo.render_workflow_template()["spec"]["templates"] if "container" in t
             for e in t["container"].get("env", []) if e["name"].startswith("AWS_") and "KEY" in e["name"]]
     assert refs and all(set(e) == {"name", "valueFrom"} and "secretKeyRef" in e["valueFrom"] for e in refs)
     workflow = k8s.build_workflow(store_prefix="s3://b/runs", run_id="t-1", namespace="ml")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from puzzle import k8s, pipeline
+from puzzle import argo, k8s, pipeline
 from puzzle.cli import main
 from puzzle.errors import UserError
 from puzzle.run import progress as run_progress
@@ -44,10 +44,10 @@ def test_workflow_object_matches_golden():
         GOLDEN.write_text(text)
     assert GOLDEN.read_text() == text
     assert k8s.argo_unknown_fields(wf) == []
-    assert wf["spec"]["workflowTemplateRef"]["name"] == pipeline.template_name()
+    assert wf["spec"]["workflowTemplateRef"]["name"] == argo.template_name()
     params = {p["name"]: p["value"] for p in wf["spec"]["arguments"]["parameters"]}
     assert params["store-prefix"] == "s3://ml-runs/puzzle"  # no trailing slash: RUN_URI joins with "/"
-    assert set(params) <= set(pipeline.WORKFLOW_PARAMETERS)
+    assert set(params) <= set(argo.WORKFLOW_PARAMETERS)
 
 
 @pytest.mark.parametrize("kwargs, message", [

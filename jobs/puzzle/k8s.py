@@ -14,7 +14,7 @@ import json
 import re
 from typing import Any
 
-from puzzle import pipeline
+from puzzle import argo
 
 RUN_ID_LABEL = "puzzle.dev/run-id"
 #: RBAC rules the chart may grant: (apiGroup, resource) -> verbs. Anything wider fails the tests.
@@ -45,10 +45,10 @@ def build_workflow(
     from puzzle.errors import UserError
 
     extra = dict(parameters or {})
-    unknown = sorted(set(extra) - set(pipeline.WORKFLOW_PARAMETERS))
+    unknown = sorted(set(extra) - set(argo.WORKFLOW_PARAMETERS))
     if unknown:
         raise UserError(
-            f"workflow parameter(s) {unknown} do not exist; allowed: {', '.join(pipeline.WORKFLOW_PARAMETERS)}"
+            f"workflow parameter(s) {unknown} do not exist; allowed: {', '.join(argo.WORKFLOW_PARAMETERS)}"
         )
     for fixed in ("run-id", "store-prefix"):
         if fixed in extra:
@@ -58,7 +58,7 @@ def build_workflow(
             f"store.uri: {store_prefix!r} is not reachable from cluster pods; use s3://BUCKET/PREFIX"
         )
     params = [{"name": "run-id", "value": run_id}, {"name": "store-prefix", "value": store_prefix.rstrip("/")}]
-    params += [{"name": k, "value": str(extra[k])} for k in pipeline.WORKFLOW_PARAMETERS if k in extra]
+    params += [{"name": k, "value": str(extra[k])} for k in argo.WORKFLOW_PARAMETERS if k in extra]
     return {
         "apiVersion": "argoproj.io/v1alpha1",
         "kind": "Workflow",
@@ -68,7 +68,7 @@ def build_workflow(
             "labels": {RUN_ID_LABEL: run_id, "app.kubernetes.io/name": "puzzle", "app.kubernetes.io/part-of": "puzzle"},
         },
         "spec": {
-            "workflowTemplateRef": {"name": template or pipeline.template_name()},
+            "workflowTemplateRef": {"name": template or argo.template_name()},
             "arguments": {"parameters": params},
         },
     }
@@ -140,7 +140,7 @@ def unquoted_quantities(obj: Any, path: str = "") -> list[str]:
             if k in ("requests", "limits") and isinstance(v, dict):
                 bad += [f"{p}.{q}" for q, val in v.items() if not isinstance(val, str)]
             elif k == "podSpecPatch" and isinstance(v, str):
-                sample = {f"workflow.parameters.{n}": d for n, (d, _) in pipeline.WORKFLOW_PARAMETERS.items() if d}
+                sample = {f"workflow.parameters.{n}": d for n, (d, _) in argo.WORKFLOW_PARAMETERS.items() if d}
                 try:
                     patch = json.loads(substitute(v, sample))
                 except json.JSONDecodeError as err:

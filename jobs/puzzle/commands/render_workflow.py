@@ -35,12 +35,12 @@ def targets(out: str, chart_copy: str) -> list[Path]:
 
 
 def _main(args) -> int:
-    from puzzle import pipeline
+    from puzzle import argo, pipeline
 
     if args.summary:
         print(pipeline.dumps_summary())
         return 0
-    text = pipeline.render_workflow_template_yaml()
+    text = argo.render_workflow_template_yaml()
     if args.out == "-":
         sys.stdout.write(text)
         return 0
@@ -54,5 +54,5 @@ def _main(args) -> int:
         if not p.parent.is_dir():
             raise UserError(f"--out: directory {str(p.parent)!r} does not exist")
         p.write_text(text, encoding="utf-8")
-        print(f"wrote {p} ({pipeline.template_name()})")
+        print(f"wrote {p} ({argo.template_name()})")
     return 0

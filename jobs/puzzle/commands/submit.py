@@ -52,7 +52,7 @@ def parse_parameters(items: list[str]) -> dict[str, str]:
 
 
 def _main(args) -> int:
-    from puzzle import k8s, pipeline
+    from puzzle import argo, k8s
     from puzzle.config import load_config
 
     cfg = load_config(args.config)
@@ -75,7 +75,7 @@ def _main(args) -> int:
     check_run_id(run_id)  # the same rule as every step: a DNS label, which a Workflow name must be too
     workflow = k8s.build_workflow(
         run_id=run_id, store_prefix=cfg.store.uri, namespace=args.namespace,
-        template=args.template or pipeline.template_name(), parameters=params,
+        template=args.template or argo.template_name(), parameters=params,
     )
     if args.dry_run:
         sys.stdout.write(yaml.safe_dump(workflow, sort_keys=False))
