@@ -18,10 +18,11 @@ import pytest
 import yaml
 from puzzle import argo, k8s, pipeline
 from puzzle.commands import render_workflow
+from puzzle.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / "k8s" / "workflowtemplate.yaml"
-CHART_COPY = ROOT / "charts" / "puzzle" / "files" / "workflowtemplate.yaml"
+#: The one committed render; the chart ships it (tests/test_chart.py renders the chart around it).
+GOLDEN = ROOT / "charts" / "puzzle" / "files" / "workflowtemplate.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -51,26 +52,31 @@ def test_committed_workflow_template_matches_a_fresh_render(rendered_text):
         if os.environ.get("CI"):
             pytest.fail("PUZZLE_REGENERATE_GOLDEN is refused under CI: regenerate locally and commit")
         GOLDEN.write_text(rendered_text, encoding="utf-8")
-        CHART_COPY.write_text(rendered_text, encoding="utf-8")
     assert GOLDEN.read_text(encoding="utf-8") == rendered_text, (
-        "k8s/workflowtemplate.yaml is stale: run `puzzle render-workflow` (or PUZZLE_REGENERATE_GOLDEN=1)")
-    assert CHART_COPY.read_text(encoding="utf-8") == rendered_text, "the chart's copy differs from k8s/"
+        f"{GOLDEN.relative_to(ROOT)} is stale: run `puzzle render-workflow` (or PUZZLE_REGENERATE_GOLDEN=1)")
+    assert ROOT / render_workflow.DEFAULT_OUT == GOLDEN, "render-workflow writes the file this test checks"
+    assert not (ROOT / "k8s" / "workflowtemplate.yaml").exists(), "the template is committed once, in the chart"
 
 
-def test_render_workflow_command_writes_and_checks(tmp_path, rendered_text):
+def test_render_workflow_command_writes_and_checks(tmp_path, rendered_text, capsys):
     parser = argparse.ArgumentParser()
     render_workflow.register(parser.add_subparsers())
-    out, copy_ = tmp_path / "wt.yaml", tmp_path / "chart" / "wt.yaml"
-    copy_.parent.mkdir()
-    argv = ["render-workflow", "--out", str(out), "--chart-copy", str(copy_)]
+    out = tmp_path / "files" / "workflowtemplate.yaml"
+    out.parent.mkdir()
+    argv = ["render-workflow", "--out", str(out)]
     check = parser.parse_args(argv + ["--check"])
     assert check.func(check) == 1  # nothing written yet: stale
     args = parser.parse_args(argv)
     assert args.func(args) == 0
-    assert out.read_text() == rendered_text == copy_.read_text()
+    assert out.read_text() == rendered_text
     assert check.func(check) == 0
-    copy_.write_text(rendered_text.replace("bld", "bdl"))
+    out.write_text(rendered_text.replace("bld", "bdl"))
     assert check.func(check) == 1
+    assert f"{out}: differs from a fresh render" in capsys.readouterr().err
+    missing = parser.parse_args(["render-workflow", "--out", str(tmp_path / "nowhere" / "wt.yaml")])
+    with pytest.raises(UserError, match="--out: directory .*nowhere' does not exist"):
+        missing.func(missing)
+    assert parser.parse_args(["render-workflow"]).out == render_workflow.DEFAULT_OUT
 
 
 # ---------------------------------------------------------------- Argo model and agreement with pipeline.py

@@ -19,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from puzzle import argo, k8s
+from puzzle.commands import render_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "puzzle"
@@ -99,8 +100,13 @@ def test_workflow_template_survives_helm_unchanged_except_named_fields(rendered)
         assert wt["metadata"]["name"] == argo.template_name()
 
 
-def test_shipped_file_is_the_rendered_one():
-    assert (CHART / "files" / "workflowtemplate.yaml").read_text() == (ROOT / "k8s" / "workflowtemplate.yaml").read_text()
+def test_the_chart_ships_the_file_render_workflow_writes():
+    """One committed copy: `puzzle render-workflow` writes the file the chart reads (tests/test_argo.py
+    compares it with a fresh render)."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    (shipped,) = re.findall(r'\.Files\.Get "([^"]+)"', helpers)
+    assert CHART / shipped == ROOT / render_workflow.DEFAULT_OUT
+    assert (CHART / shipped).read_text() == argo.render_workflow_template_yaml()
 
 
 def test_workflow_template_is_valid_argo_and_locked_down(rendered):

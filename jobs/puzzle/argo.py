@@ -34,8 +34,6 @@ from puzzle import __version__
 from puzzle.errors import EXIT_BAD_INPUT
 from puzzle.pipeline import STEPS, Step, producer_of, step, topological_order
 
-#: The one committed render, inside the chart because ``.Files.Get`` cannot read outside it.
-WORKFLOW_TEMPLATE_PATH = "charts/puzzle/files/workflowtemplate.yaml"
 #: Where steps that produce fan-out lists write them for Argo's output parameters (an emptyDir).
 OUTPUTS_DIR = "/tmp/outputs"
 #: The main container's name in every Argo pod; podSpecPatch merges GPU settings into it by name.
@@ -324,7 +322,7 @@ def build_workflow_template() -> WorkflowTemplate:
 
 
 def render_workflow_template() -> dict[str, Any]:
-    """The WorkflowTemplate as a plain dict (what :data:`WORKFLOW_TEMPLATE_PATH` holds)."""
+    """The WorkflowTemplate as a plain dict (what ``charts/puzzle/files/workflowtemplate.yaml`` holds)."""
     return build_workflow_template().to_dict()
 
 
