@@ -14,9 +14,10 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import manifests
 import pytest
 import yaml
-from puzzle import argo, k8s, pipeline
+from puzzle import argo, pipeline
 from puzzle.commands import render_workflow
 from puzzle.errors import UserError
 
@@ -83,10 +84,10 @@ def test_render_workflow_command_writes_and_checks(tmp_path, rendered_text, caps
 
 
 def test_workflow_template_parses_with_argo_models_and_has_no_unknown_fields(wt):
-    assert k8s.argo_unknown_fields(wt) == []
+    assert manifests.argo_unknown_fields(wt) == []
     bad = copy.deepcopy(wt)
     bad["spec"]["templates"][0]["container"]["imagePullPolicyy"] = "Always"
-    assert k8s.argo_unknown_fields(bad) == [".spec.templates[0].container.imagePullPolicyy"]
+    assert manifests.argo_unknown_fields(bad) == [".spec.templates[0].container.imagePullPolicyy"]
 
 
 def test_steps_parameters_and_dependencies_agree_with_pipeline(wt):
@@ -142,7 +143,7 @@ def test_gpu_steps_use_the_semaphore_and_gpu_pod_patch(wt):
         if s.gpu:
             sem = t["synchronization"]["semaphores"]
             assert sem == [{"configMapKeyRef": {"name": argo.SEMAPHORE_CONFIGMAP, "key": argo.GPU_SEMAPHORE_KEY}}]
-            patch = json.loads(k8s.substitute(t["podSpecPatch"], {
+            patch = json.loads(manifests.substitute(t["podSpecPatch"], {
                 "workflow.parameters.gpu-node-selector": '{"gpu": "h100"}',
                 "workflow.parameters.gpu-tolerations": '[{"key": "nvidia.com/gpu", "operator": "Exists"}]',
                 "workflow.parameters.gpu-resource": "nvidia.com/gpu",
@@ -192,7 +193,7 @@ def test_metrics_pod_gc_deadlines_and_artifacts(wt):
 
 
 def test_every_pod_is_locked_down(wt):
-    assert k8s.security_problems(wt) == []
+    assert manifests.security_problems(wt) == []
     for t in templates(wt).values():
         if "container" in t:
             env = {e["name"]: e for e in t["container"]["env"]}
@@ -211,23 +212,23 @@ def test_every_pod_is_locked_down(wt):
 def test_security_check_catches_a_weakened_template(wt, mutate, expected):
     bad = copy.deepcopy(wt)
     mutate(templates(bad)["bld"])
-    assert any(expected in p for p in k8s.security_problems(bad))
+    assert any(expected in p for p in manifests.security_problems(bad))
 
 
 def test_resource_quantities_are_quoted_strings(wt, rendered_text):
-    assert k8s.unquoted_quantities(wt) == []
+    assert manifests.unquoted_quantities(wt) == []
     assert "gpu-count}}\\\"" not in rendered_text  # the patch is one JSON string, not YAML
     bad = copy.deepcopy(wt)
     templates(bad)["prepare"]["container"]["resources"]["requests"]["cpu"] = 2
-    assert k8s.unquoted_quantities(bad) == ["spec.templates[0].container.resources.requests.cpu"]
+    assert manifests.unquoted_quantities(bad) == ["spec.templates[0].container.resources.requests.cpu"]
     bad = copy.deepcopy(wt)
     templates(bad)["bld"]["podSpecPatch"] = templates(bad)["bld"]["podSpecPatch"].replace(
         '"{{workflow.parameters.gpu-count}}"', "{{workflow.parameters.gpu-count}}")
-    assert any("limits.nvidia.com/gpu" in p for p in k8s.unquoted_quantities(bad))
+    assert any("limits.nvidia.com/gpu" in p for p in manifests.unquoted_quantities(bad))
 
 
 def test_argo_expressions_only_name_declared_parameters(rendered_text):
-    exprs = Counter(k8s.ARGO_EXPR.findall(rendered_text))
+    exprs = Counter(manifests.ARGO_EXPR.findall(rendered_text))
     params = {m[len("{{workflow.parameters."):-2] for m in exprs if m.startswith("{{workflow.parameters.")}
     assert params <= set(argo.WORKFLOW_PARAMETERS)
     assert {"run-id", "store-prefix", "gpu-count", "gpu-tolerations"} <= params

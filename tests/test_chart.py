@@ -16,9 +16,10 @@ from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
+import manifests
 import pytest
 import yaml
-from puzzle import argo, k8s
+from puzzle import argo
 from puzzle.commands import render_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +87,10 @@ def test_strict_validation_catches_a_bad_object():
 def test_workflow_template_survives_helm_unchanged_except_named_fields(rendered):
     """Argo's {{...}} reaches the cluster verbatim: the file is parsed as data, never as a template."""
     source = yaml.safe_load((CHART / "files" / "workflowtemplate.yaml").read_text())
-    source_exprs = Counter(k8s.ARGO_EXPR.findall(json.dumps(source)))
+    source_exprs = Counter(manifests.ARGO_EXPR.findall(json.dumps(source)))
     for scenario, docs in rendered.items():
         wt = by_kind(docs, "WorkflowTemplate")[0]
-        assert Counter(k8s.ARGO_EXPR.findall(json.dumps(wt))) == source_exprs, scenario
+        assert Counter(manifests.ARGO_EXPR.findall(json.dumps(wt))) == source_exprs, scenario
         a, b = copy.deepcopy(source["spec"]), copy.deepcopy(wt["spec"])
         for s in (a, b):
             s.pop("arguments"), s.pop("serviceAccountName"), s.pop("artifactRepositoryRef")
@@ -112,9 +113,9 @@ def test_the_chart_ships_the_file_render_workflow_writes():
 def test_workflow_template_is_valid_argo_and_locked_down(rendered):
     for scenario, docs in rendered.items():
         wt = by_kind(docs, "WorkflowTemplate")[0]
-        assert k8s.argo_unknown_fields(wt) == [], scenario
-        assert k8s.security_problems(wt) == [], scenario
-        assert k8s.unquoted_quantities(docs) == [], scenario
+        assert manifests.argo_unknown_fields(wt) == [], scenario
+        assert manifests.security_problems(wt) == [], scenario
+        assert manifests.unquoted_quantities(docs) == [], scenario
 
 
 def _params(wt: dict) -> dict[str, str | None]:
@@ -164,7 +165,7 @@ def test_every_reference_resolves(rendered):
 
 def test_rbac_is_within_the_allow_list(rendered):
     for scenario, docs in rendered.items():
-        assert k8s.rbac_violations(docs) == [], scenario
+        assert manifests.rbac_violations(docs) == [], scenario
     docs = rendered["default-values.yaml"]
     role = by_kind(docs, "Role")[0]
     assert role["rules"] == [{"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"],
@@ -172,9 +173,9 @@ def test_rbac_is_within_the_allow_list(rendered):
     wider = copy.deepcopy(role)
     wider["rules"].append({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]})
     wider["rules"][0]["verbs"].append("delete")
-    problems = k8s.rbac_violations([wider])
+    problems = manifests.rbac_violations([wider])
     assert any("core/pods" in p for p in problems) and any("'delete'" in p for p in problems)
-    assert k8s.rbac_violations([{**role, "kind": "ClusterRole"}])
+    assert manifests.rbac_violations([{**role, "kind": "ClusterRole"}])
 
 
 def test_names_are_truncated_to_63_characters(rendered):
