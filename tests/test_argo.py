@@ -127,6 +127,10 @@ def test_steps_parameters_and_dependencies_agree_with_pipeline(wt):
         assert outputs == {n: f"{argo.OUTPUTS_DIR}/{n}.json" for n in s.produces}
         if s.produces:
             assert args[args.index("--outputs") + 1] == argo.OUTPUTS_DIR
+        if s.distributed:  # one template serves 1 GPU (in-process) and N (torchrun) alike
+            assert args[args.index("--nproc-per-node") + 1] == "{{workflow.parameters.gpu-count}}"
+        else:
+            assert "--nproc-per-node" not in args
         if s.fan_out:
             assert args[args.index("--unit") + 1] == "{{inputs.parameters.unit}}"
             task = main[argo.dag_task_of(s.name)]

@@ -35,6 +35,7 @@ def test_step_contract_fan_out_and_kinds():
     assert set(by["solve"].depends) == {"score", "profile"}
     assert "bld" in by["score"].depends
     assert by["evaluate"].same_unit_as == "assemble"
+    assert {n for n, s in by.items() if s.distributed} == {"score", "assemble", "evaluate"}
     assert pipeline.ancestors("report") == {s.name for s in pipeline.STEPS} - {"report"}
 
 
@@ -52,6 +53,7 @@ def _bad(**changes) -> tuple[pipeline.Step, ...]:
     ("bld", {"fan_out": "no-such-list"}, "needs exactly one producer"),
     ("evaluate", {"same_unit_as": "bld"}, "same_unit_as"),
     ("score", {"depends": ("bld",), "fan_out": "assemble"}, "must depend"),
+    ("solve", {"distributed": True}, "distributed .one process per GPU. but gets no GPU"),
 ])
 def test_malformed_pipelines_are_rejected(name, changes, message):
     with pytest.raises(ValueError, match=message):

@@ -193,7 +193,8 @@ def _metrics(s: Step) -> m.Metrics:
 
 
 def _step_template(s: Step) -> Container:
-    """The leaf template of one step: ``puzzle step NAME --run URI [--unit ...] [--outputs DIR]``."""
+    """The leaf template of one step: ``puzzle step NAME --run URI [--unit ...] [--outputs DIR]
+    [--nproc-per-node N]``."""
     args = ["step", s.name, "--run", RUN_URI]
     fields: dict[str, Any] = {}
     if s.fan_out is not None:
@@ -203,6 +204,9 @@ def _step_template(s: Step) -> Container:
     outputs: list[Any] = []
     if s.produces or s.artifacts:
         args += ["--outputs", OUTPUTS_DIR]
+    if s.distributed:
+        # One process per GPU of the pod: `puzzle step` itself becomes torchrun when this is above 1.
+        args += ["--nproc-per-node", param("gpu-count")]
     for plan_list in s.produces:
         outputs.append(Parameter(name=plan_list, value_from=m.ValueFrom(path=f"{OUTPUTS_DIR}/{plan_list}.json")))
     for name in s.artifacts:

@@ -28,6 +28,9 @@ class Step:
     each with an ``"id"``) whose units this step runs, one pod per unit; ``None`` means a single pod.
     ``same_unit_as`` pairs units: unit *i* of this step waits only for unit *i* of that step (evaluate
     waits for its own assemble, not for every assemble).
+    ``distributed`` steps may shard one unit over several GPUs of one pod: they are launched with
+    ``--nproc-per-node <gpu-count>`` and run as that many torchrun workers when it is above 1
+    (:mod:`puzzle.launch`); every other step is one process.
     """
 
     name: str
@@ -41,6 +44,7 @@ class Step:
     produces: tuple[str, ...] = ()
     same_unit_as: str | None = None
     artifacts: tuple[str, ...] = field(default=())
+    distributed: bool = False
 
 
 #: The pipeline, in an order that is also a valid topological order.
@@ -67,7 +71,7 @@ STEPS: tuple[Step, ...] = (
         name="score",
         description="replace_one_block_scores: the parent with one library block swapped in, against the parent",
         fan_out="score", depends=("prepare", "bld"), gpu=True, active_deadline_seconds=12 * 3600,
-        cpu="8", memory="64Gi",
+        cpu="8", memory="64Gi", distributed=True,
     ),
     Step(
         name="solve",
@@ -79,13 +83,13 @@ STEPS: tuple[Step, ...] = (
         name="assemble",
         description="stitch library blocks into the child (optional GKD uplift); save as nemotron-nas",
         fan_out="assemble", depends=("solve",), gpu=True, active_deadline_seconds=12 * 3600,
-        cpu="8", memory="64Gi",
+        cpu="8", memory="64Gi", distributed=True,
     ),
     Step(
         name="evaluate",
         description="parent vs child: KL, perplexity, tasks, ICL (random/top-k/cover-ls), measured throughput",
         fan_out="assemble", depends=("assemble",), gpu=True, active_deadline_seconds=12 * 3600,
-        cpu="8", memory="64Gi", same_unit_as="assemble",
+        cpu="8", memory="64Gi", same_unit_as="assemble", distributed=True,
     ),
     Step(
         name="report",
@@ -156,6 +160,8 @@ def validate_pipeline(steps: tuple[Step, ...] = STEPS) -> None:
     for s in steps:
         if not re.fullmatch(r"[a-z][a-z0-9-]{0,40}", s.name):
             raise ValueError(f"pipeline: step name {s.name!r} must be a short DNS label")
+        if s.distributed and not s.gpu:
+            raise ValueError(f"pipeline: step {s.name!r} is distributed (one process per GPU) but gets no GPU")
         for d in s.depends:
             if d not in by_name:
                 raise ValueError(f"pipeline: step {s.name!r} depends on unknown step {d!r}")
@@ -187,7 +193,7 @@ def pipeline_summary() -> list[dict[str, Any]]:
         {
             "name": s.name, "fan_out": s.fan_out, "depends": list(s.depends), "gpu": s.gpu,
             "active_deadline_seconds": s.active_deadline_seconds, "produces": list(s.produces),
-            "same_unit_as": s.same_unit_as,
+            "same_unit_as": s.same_unit_as, "distributed": s.distributed,
         }
         for s in STEPS
     ]
