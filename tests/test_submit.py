@@ -55,6 +55,8 @@ def test_workflow_object_matches_golden():
 @pytest.mark.parametrize("kwargs, message", [
     ({"parameters": {"gpu-cuont": "2"}}, r"\['gpu-cuont'\] do not exist; allowed: run-id, store-prefix"),
     ({"parameters": {"run-id": "other"}}, "set by puzzle submit itself"),
+    ({"parameters": {"gpu-count": "two"}}, "'gpu-count': 'two' is not allowed; give a whole number >= 1"),
+    ({"parameters": {"gpu-count": "0"}}, "'gpu-count': '0' is not allowed"),
     ({"store_prefix": "file://./runs"}, "store.uri: 'file://./runs' is not reachable from cluster pods"),
 ])
 def test_bad_submissions_are_refused(kwargs, message):

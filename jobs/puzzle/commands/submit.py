@@ -135,6 +135,10 @@ def build_workflow(
     for fixed in ("run-id", "store-prefix"):
         if fixed in extra:
             raise UserError(f"workflow parameter {fixed!r} is set by puzzle submit itself; remove it")
+    count = str(extra.get("gpu-count", "1"))
+    if not count.isdigit() or int(count) < 1:
+        # the GPU limit of every GPU pod and the torchrun worker count: refused here, not in each pod
+        raise UserError(f"workflow parameter 'gpu-count': {count!r} is not allowed; give a whole number >= 1")
     if not store_prefix.startswith("s3://"):
         raise UserError(
             f"store.uri: {store_prefix!r} is not reachable from cluster pods; use s3://BUCKET/PREFIX"
