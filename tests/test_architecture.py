@@ -21,7 +21,7 @@ PKG = Path(__file__).resolve().parents[1] / "jobs" / "puzzle"
 FLOORS = [
     ("errors", "layout", "serving", "config"),
     ("store", "model", "data", "generation", "training", "metrics", "export"),
-    ("run", "library", "planning", "profiling", "icl", "distill", "evaluation", "distributed",
+    ("run", "library", "planning", "profiling", "icl", "distill", "evaluation", "distributed", "launch",
      "report", "solver", "tiny_parent"),
     ("context", "steps"),
     ("pipeline", "argo", "local", "k8s", "cluster"),

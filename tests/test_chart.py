@@ -16,9 +16,11 @@ from pathlib import Path
 
 import helm_python as helm
 import kubernetes_validate
+import manifests
 import pytest
 import yaml
-from puzzle import k8s, pipeline
+from puzzle import argo
+from puzzle.commands import render_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "puzzle"
@@ -85,10 +87,10 @@ def test_strict_validation_catches_a_bad_object():
 def test_workflow_template_survives_helm_unchanged_except_named_fields(rendered):
     """Argo's {{...}} reaches the cluster verbatim: the file is parsed as data, never as a template."""
     source = yaml.safe_load((CHART / "files" / "workflowtemplate.yaml").read_text())
-    source_exprs = Counter(k8s.ARGO_EXPR.findall(json.dumps(source)))
+    source_exprs = Counter(manifests.ARGO_EXPR.findall(json.dumps(source)))
     for scenario, docs in rendered.items():
         wt = by_kind(docs, "WorkflowTemplate")[0]
-        assert Counter(k8s.ARGO_EXPR.findall(json.dumps(wt))) == source_exprs, scenario
+        assert Counter(manifests.ARGO_EXPR.findall(json.dumps(wt))) == source_exprs, scenario
         a, b = copy.deepcopy(source["spec"]), copy.deepcopy(wt["spec"])
         for s in (a, b):
             s.pop("arguments"), s.pop("serviceAccountName"), s.pop("artifactRepositoryRef")
@@ -96,19 +98,24 @@ def test_workflow_template_survives_helm_unchanged_except_named_fields(rendered)
                 for sem in (t.get("synchronization") or {}).get("semaphores", []):
                     sem["configMapKeyRef"].pop("name")
         assert a == b, f"{scenario}: the chart changed the WorkflowTemplate beyond the named fields"
-        assert wt["metadata"]["name"] == pipeline.template_name()
+        assert wt["metadata"]["name"] == argo.template_name()
 
 
-def test_shipped_file_is_the_rendered_one():
-    assert (CHART / "files" / "workflowtemplate.yaml").read_text() == (ROOT / "k8s" / "workflowtemplate.yaml").read_text()
+def test_the_chart_ships_the_file_render_workflow_writes():
+    """One committed copy: `puzzle render-workflow` writes the file the chart reads (tests/test_argo.py
+    compares it with a fresh render)."""
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    (shipped,) = re.findall(r'\.Files\.Get "([^"]+)"', helpers)
+    assert CHART / shipped == ROOT / render_workflow.DEFAULT_OUT
+    assert (CHART / shipped).read_text() == argo.render_workflow_template_yaml()
 
 
 def test_workflow_template_is_valid_argo_and_locked_down(rendered):
     for scenario, docs in rendered.items():
         wt = by_kind(docs, "WorkflowTemplate")[0]
-        assert k8s.argo_unknown_fields(wt) == [], scenario
-        assert k8s.security_problems(wt) == [], scenario
-        assert k8s.unquoted_quantities(docs) == [], scenario
+        assert manifests.argo_unknown_fields(wt) == [], scenario
+        assert manifests.security_problems(wt) == [], scenario
+        assert manifests.unquoted_quantities(docs) == [], scenario
 
 
 def _params(wt: dict) -> dict[str, str | None]:
@@ -127,7 +134,7 @@ def test_values_become_parameter_defaults(rendered):
     default = _params(by_kind(rendered["default-values.yaml"], "WorkflowTemplate")[0])
     assert default["store-prefix"] is None and default["gpu-tolerations"] == "[]"
     sem = by_kind(rendered["gpu-tolerations-values.yaml"], "ConfigMap")
-    assert any(c["data"].get(pipeline.GPU_SEMAPHORE_KEY) == "16" for c in sem)
+    assert any(c["data"].get(argo.GPU_SEMAPHORE_KEY) == "16" for c in sem)
 
 
 def test_every_reference_resolves(rendered):
@@ -158,7 +165,7 @@ def test_every_reference_resolves(rendered):
 
 def test_rbac_is_within_the_allow_list(rendered):
     for scenario, docs in rendered.items():
-        assert k8s.rbac_violations(docs) == [], scenario
+        assert manifests.rbac_violations(docs) == [], scenario
     docs = rendered["default-values.yaml"]
     role = by_kind(docs, "Role")[0]
     assert role["rules"] == [{"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"],
@@ -166,9 +173,9 @@ def test_rbac_is_within_the_allow_list(rendered):
     wider = copy.deepcopy(role)
     wider["rules"].append({"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]})
     wider["rules"][0]["verbs"].append("delete")
-    problems = k8s.rbac_violations([wider])
+    problems = manifests.rbac_violations([wider])
     assert any("core/pods" in p for p in problems) and any("'delete'" in p for p in problems)
-    assert k8s.rbac_violations([{**role, "kind": "ClusterRole"}])
+    assert manifests.rbac_violations([{**role, "kind": "ClusterRole"}])
 
 
 def test_names_are_truncated_to_63_characters(rendered):
@@ -222,7 +229,7 @@ def test_monitoring_objects(rendered):
 
 
 def test_argo_metric_names_match_the_workflow_template():
-    wt = pipeline.render_workflow_template()
+    wt = argo.render_workflow_template()
     names = {m["name"] for t in wt["spec"]["templates"] for m in (t.get("metrics") or {}).get("prometheus", [])}
     assert names == ARGO_METRICS
 
@@ -230,5 +237,5 @@ def test_argo_metric_names_match_the_workflow_template():
 def test_notes_name_the_next_commands():
     with helm.Chart.load(CHART) as chart:
         notes = chart.render({"store": {"prefix": "s3://runs/p"}}, name="x", namespace="ml")["puzzle/templates/NOTES.txt"]
-    assert f"--from workflowtemplate/{pipeline.template_name()}" in notes
+    assert f"--from workflowtemplate/{argo.template_name()}" in notes
     assert "puzzle submit" in notes and "puzzle status s3://runs/p/RUN_ID" in notes and "puzzle fetch" in notes

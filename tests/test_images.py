@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from puzzle import pipeline
+from puzzle import argo
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "images"
@@ -45,7 +45,7 @@ def test_runs_as_numeric_non_root_user_matching_the_pods(kind):
     assert users, f"{kind}: no USER in the final stage (the image would run as root)"
     uid, _, gid = users[-1].partition(":")
     assert uid.isdigit() and int(uid) != 0, f"{kind}: USER {users[-1]!r} must be a numeric non-zero uid"
-    wt = pipeline.render_workflow_template()
+    wt = argo.render_workflow_template()
     assert int(uid) == wt["spec"]["securityContext"]["runAsUser"]
     assert gid and int(gid) == wt["spec"]["securityContext"]["runAsGroup"]
 

@@ -2,10 +2,11 @@
 rendered template meets the Kubernetes "restricted" Pod Security Standard; RBAC within the allow-list;
 weights only as safetensors, never ``trust_remote_code``; keys and run ids cannot leave their root.
 
-The chart is rendered with real Helm (tests/test_chart.py's ``render``); the RBAC allow-list and the
-WorkflowTemplate lock-down are ``puzzle.k8s.rbac_violations`` / ``security_problems`` (also used by
-test_chart.py and test_pipeline.py), and ``restricted_pss_problems`` below adds what those leave out:
-every pod-bearing object, host namespaces and paths, privileged mode, added capabilities, volume types.
+The chart is rendered with real Helm (tests/test_chart.py's ``render``); the checks are those of
+tests/manifests.py: the RBAC allow-list and the WorkflowTemplate lock-down (``rbac_violations``,
+``security_problems``, also used by test_chart.py and test_argo.py), and ``restricted_pss_problems``,
+which adds what those leave out: every pod-bearing object, host namespaces and paths, privileged mode,
+added capabilities, volume types.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ from __future__ import annotations
 import ast
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-from puzzle import k8s, pipeline
+from manifests import rbac_violations, restricted_pss_problems, security_problems
+from puzzle import argo
+from puzzle.commands.submit import build_workflow
 from puzzle.config import ConfigError, load_config_text
 from puzzle.run import create_run, run_id_of
 from puzzle.store import InvalidKeyError, open_store, validate_key
@@ -35,97 +36,6 @@ from tinymodels import make_parent
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "jobs" / "puzzle"
 SENTINEL = "s3cr3t-SENTINEL-0f9e8d7c6b5a"
-
-# ----- the "restricted" Pod Security Standard (kubernetes.io/docs/concepts/security/pod-security-standards)
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                      "projected", "secret"}
-CONTAINER_KEYS = ("containers", "initContainers", "ephemeralContainers")
-
-
-def _pod_specs(obj: Any, path: str = "") -> list[tuple[str, dict]]:
-    """Every pod-level spec in a manifest: Kubernetes workloads, and Argo's workflow-level pod settings
-    with each template's container (and its podSpecPatch, which Argo merges into the pod)."""
-    out: list[tuple[str, dict]] = []
-    if isinstance(obj, dict):
-        if any(k in obj for k in CONTAINER_KEYS):
-            out.append((path or "<root>", obj))
-        for k, v in obj.items():
-            out += _pod_specs(v, f"{path}.{k}" if path else k)
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            out += _pod_specs(v, f"{path}[{i}]")
-    return out
-
-
-def _containers_of_workflow(wt: dict) -> list[tuple[str, dict, dict]]:
-    """(where, container, pod-level settings) for each template of an Argo (Cluster)WorkflowTemplate."""
-    spec = wt["spec"]
-    out = []
-    for t in spec.get("templates", []):
-        pod = {"securityContext": spec.get("securityContext") or {}, "volumes": spec.get("volumes", []),
-               **{k: spec[k] for k in ("hostNetwork", "hostPID", "hostIPC") if k in spec}}
-        patch = t.get("podSpecPatch")
-        if patch:
-            # Argo fills {{...}} (quoted or bare) before merging the patch: any placeholder parses
-            parsed = yaml.safe_load(re.sub(r'"?\{\{[^{}]*\}\}"?', '"x"', patch))
-            for k in ("hostNetwork", "hostPID", "hostIPC", "securityContext", "volumes"):
-                if k in parsed:
-                    pod[k] = parsed[k]
-            for c in parsed.get("containers", []):
-                if set(c) - {"name", "resources"}:
-                    out.append((f"templates[{t['name']}].podSpecPatch.containers[{c.get('name')}]", c, pod))
-        for key in ("container", "script"):
-            if key in t:
-                out.append((f"templates[{t['name']}].{key}", t[key], pod))
-        for i, c in enumerate(t.get("initContainers", []) + t.get("sidecars", [])):
-            out.append((f"templates[{t['name']}].init/sidecar[{i}]", c, pod))
-    return out
-
-
-def restricted_pss_problems(docs: list[dict]) -> list[str]:
-    """Breaches of the restricted Pod Security Standard in rendered manifests (empty: none)."""
-    bad: list[str] = []
-    checks: list[tuple[str, dict, dict]] = []
-    for d in docs:
-        name = f"{d['kind']} {d['metadata']['name']}"
-        if d["kind"] in ("WorkflowTemplate", "ClusterWorkflowTemplate", "Workflow", "CronWorkflow"):
-            wf = d if d["kind"] != "CronWorkflow" else {"spec": d["spec"]["workflowSpec"]}
-            checks += [(f"{name}: {w}", c, pod) for w, c, pod in _containers_of_workflow(wf)]
-        else:
-            for where, pod in _pod_specs(d.get("spec", {})):
-                for key in CONTAINER_KEYS:
-                    checks += [(f"{name}: {where}.{key}[{c.get('name')}]", c, pod) for c in pod.get(key, [])]
-    for where, c, pod in checks:
-        psc, csc = pod.get("securityContext") or {}, c.get("securityContext") or {}
-        for k in ("hostNetwork", "hostPID", "hostIPC"):
-            if pod.get(k):
-                bad.append(f"{where}: pod {k} is set")
-        for v in pod.get("volumes", []):
-            kinds = set(v) - {"name"}
-            if not kinds <= RESTRICTED_VOLUMES:
-                bad.append(f"{where}: volume {v.get('name')} of type {sorted(kinds)} (hostPath and others are not allowed)")
-        if any(p.get("hostPort") for p in c.get("ports", [])):
-            bad.append(f"{where}: hostPort is set")
-        if csc.get("privileged"):
-            bad.append(f"{where}: privileged")
-        if csc.get("allowPrivilegeEscalation") is not False:
-            bad.append(f"{where}: allowPrivilegeEscalation must be false")
-        caps = csc.get("capabilities") or {}
-        if "ALL" not in (caps.get("drop") or []):
-            bad.append(f"{where}: capabilities must drop ALL")
-        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
-            bad.append(f"{where}: capabilities.add {caps['add']}")
-        if csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
-            bad.append(f"{where}: runAsNonRoot must be true")
-        if csc.get("runAsUser", psc.get("runAsUser")) == 0:
-            bad.append(f"{where}: runAsUser 0")
-        seccomp = (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
-        if seccomp not in ("RuntimeDefault", "Localhost"):
-            bad.append(f"{where}: seccompProfile.type must be RuntimeDefault or Localhost, got {seccomp!r}")
-        for e in c.get("env", []):
-            if any(w in e.get("name", "").upper() for w in ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY")) and "value" in e:
-                bad.append(f"{where}: env {e['name']} has a literal value; use a secretKeyRef")
-    return bad
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +52,8 @@ def test_every_rendered_pod_meets_the_restricted_standard(rendered):
     for scenario, docs in rendered.items():
         assert restricted_pss_problems(docs) == [], scenario
         wt = next(d for d in docs if d["kind"] == "WorkflowTemplate")
-        assert k8s.security_problems(wt) == [], scenario
-        assert k8s.rbac_violations(docs) == [], scenario
+        assert security_problems(wt) == [], scenario
+        assert rbac_violations(docs) == [], scenario
         # every leaf template runs a container checked above
         leaves = [t for t in wt["spec"]["templates"] if "dag" not in t and "steps" not in t]
         assert leaves and all("container" in t for t in leaves), scenario
@@ -183,7 +93,7 @@ def test_a_deployment_is_checked_too():
 
 
 def test_template_names_are_unique():
-    names = [t["name"] for t in pipeline.render_workflow_template()["spec"]["templates"]]
+    names = [t["name"] for t in argo.render_workflow_template()["spec"]["templates"]]
     assert len(names) == len(set(names)), names
 
 
@@ -200,12 +110,12 @@ def test_no_secret_in_any_rendered_manifest(monkeypatch):
         text = json.dumps(render(values))
         assert SENTINEL not in text, scenario.name
         assert "team-s3-credentials" in text
-    wt = json.dumps(pipeline.render_workflow_template())
+    wt = json.dumps(argo.render_workflow_template())
     assert SENTINEL not in wt
-    refs = [e for t in pipeline.render_workflow_template()["spec"]["templates"] if "container" in t
+    refs = [e for t in argo.render_workflow_template()["spec"]["templates"] if "container" in t
             for e in t["container"].get("env", []) if e["name"].startswith("AWS_") and "KEY" in e["name"]]
     assert refs and all(set(e) == {"name", "valueFrom"} and "secretKeyRef" in e["valueFrom"] for e in refs)
-    workflow = k8s.build_workflow(store_prefix="s3://b/runs", run_id="t-1", namespace="ml")
+    workflow = build_workflow(store_prefix="s3://b/runs", run_id="t-1", namespace="ml")
     assert SENTINEL not in json.dumps(workflow)
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from puzzle import k8s, pipeline
+from manifests import argo_unknown_fields
+from puzzle import argo, pipeline
 from puzzle.cli import main
+from puzzle.commands.submit import build_workflow, create_via_argo_server, create_via_kubernetes
 from puzzle.errors import UserError
 from puzzle.run import progress as run_progress
 from puzzle.store import open_store
@@ -29,7 +31,7 @@ RUN_ID = "tiny-20261126-040000-abc123"
 
 
 def golden_workflow() -> dict:
-    return k8s.build_workflow(
+    return build_workflow(
         run_id=RUN_ID, store_prefix="s3://ml-runs/puzzle/", namespace="ml",
         parameters={"image": "registry.example.com/puzzle-gpu:0.1.0", "gpu-count": "2"},
     )
@@ -43,22 +45,24 @@ def test_workflow_object_matches_golden():
             pytest.fail("PUZZLE_REGENERATE_GOLDEN is refused under CI: regenerate locally and commit")
         GOLDEN.write_text(text)
     assert GOLDEN.read_text() == text
-    assert k8s.argo_unknown_fields(wf) == []
-    assert wf["spec"]["workflowTemplateRef"]["name"] == pipeline.template_name()
+    assert argo_unknown_fields(wf) == []
+    assert wf["spec"]["workflowTemplateRef"]["name"] == argo.template_name()
     params = {p["name"]: p["value"] for p in wf["spec"]["arguments"]["parameters"]}
     assert params["store-prefix"] == "s3://ml-runs/puzzle"  # no trailing slash: RUN_URI joins with "/"
-    assert set(params) <= set(pipeline.WORKFLOW_PARAMETERS)
+    assert set(params) <= set(argo.WORKFLOW_PARAMETERS)
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"parameters": {"gpu-cuont": "2"}}, r"\['gpu-cuont'\] do not exist; allowed: run-id, store-prefix"),
     ({"parameters": {"run-id": "other"}}, "set by puzzle submit itself"),
+    ({"parameters": {"gpu-count": "two"}}, "'gpu-count': 'two' is not allowed; give a whole number >= 1"),
+    ({"parameters": {"gpu-count": "0"}}, "'gpu-count': '0' is not allowed"),
     ({"store_prefix": "file://./runs"}, "store.uri: 'file://./runs' is not reachable from cluster pods"),
 ])
 def test_bad_submissions_are_refused(kwargs, message):
     args = {"run_id": RUN_ID, "store_prefix": "s3://b/p", "namespace": "ml", **kwargs}
     with pytest.raises(UserError, match=message):
-        k8s.build_workflow(**args)
+        build_workflow(**args)
 
 
 class StandIn:
@@ -104,7 +108,7 @@ class StandIn:
 def test_create_through_argo_server_posts_the_workflow():
     wf = golden_workflow()
     with StandIn() as argo:
-        name = k8s.create_via_argo_server(wf, server=argo.url + "/", namespace="ml", token="s3cr3t")
+        name = create_via_argo_server(wf, server=argo.url + "/", namespace="ml", token="s3cr3t")
     assert name == RUN_ID
     (req,) = argo.requests
     assert req["path"] == "/api/v1/workflows/ml"
@@ -114,7 +118,7 @@ def test_create_through_argo_server_posts_the_workflow():
 
 def test_argo_server_error_is_raised():
     with StandIn(status=409) as argo, pytest.raises(Exception, match="already exists"):
-        k8s.create_via_argo_server(golden_workflow(), server=argo.url, namespace="ml")
+        create_via_argo_server(golden_workflow(), server=argo.url, namespace="ml")
 
 
 def test_create_through_kubernetes_api_posts_a_custom_object(tmp_path):
@@ -127,7 +131,7 @@ def test_create_through_kubernetes_api_posts_a_custom_object(tmp_path):
             "users": [{"name": "u", "user": {"token": "kube-token"}}],
             "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "u", "namespace": "ml"}}],
         }))
-        name = k8s.create_via_kubernetes(wf, namespace="ml", kubeconfig=str(kubeconfig))
+        name = create_via_kubernetes(wf, namespace="ml", kubeconfig=str(kubeconfig))
     assert name == RUN_ID
     (req,) = api.requests
     assert req["path"] == "/apis/argoproj.io/v1alpha1/namespaces/ml/workflows"

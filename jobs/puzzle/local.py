@@ -4,7 +4,9 @@
 step of :mod:`puzzle.pipeline` in dependency order; the units of one step go to a pool of worker
 processes (one per GPU by default; ``--workers N`` shares the GPUs round-robin). A unit that completed
 has a done marker in the store and is never run again, so ``puzzle run --resume RUN_URI`` picks up where
-a failed or killed run stopped. The run URI is printed last.
+a failed or killed run stopped. The run URI is printed last. On a machine with several GPUs, a
+distributed step's unit that is alone in its level (one solution: assemble, then evaluate) gets all the
+GPUs the run uses instead, as torchrun workers (:func:`unit_gpus`).
 
 Units that time the target (profile, evaluate) run alone, and hold a machine-wide lock while they do, so
 two runs on one machine never measure at the same time (the second waits, and says so). Ctrl-C stops
@@ -16,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import fcntl
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -70,7 +73,18 @@ def _worker_run(step: str, run_uri: str, unit: dict[str, Any]) -> tuple[str, str
     except Exception as err:  # noqa: BLE001 - reported to the parent with the unit named
         kind = "bad_input" if is_bad_input(err) else "error"
         return (kind, f"{type(err).__name__}: {err}", time.time() - started)
+    finally:
+        _release_gpu_cache()
     return ("ok", "", time.time() - started)
+
+
+def _release_gpu_cache() -> None:
+    # A pool worker outlives its unit: give its cached GPU memory back, so a later unit that runs on
+    # all GPUs as torchrun workers (unit_gpus) finds it free.
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 #: Steps whose units time the target device: each runs alone, under the machine-wide measuring lock.
@@ -112,6 +126,17 @@ def levels() -> list[list[pipeline.Step]]:
     for s in pipeline.topological_order():
         out[depth[s.name]].append(s)
     return out
+
+
+def unit_gpus(step: pipeline.Step, gpus: int, pending: int) -> int:
+    """GPUs that one unit of ``step`` gets from ``puzzle run`` when the run uses ``gpus`` GPUs and
+    ``pending`` units are all its level has to run.
+
+    All of them for a distributed step whose unit is alone (the other GPUs would idle): it runs as one
+    torchrun worker per GPU, as in a pod with ``gpu-count`` GPUs. Otherwise one: units fan out over the
+    GPUs, one each, which is the faster use of them whenever there are several units.
+    """
+    return gpus if step.distributed and gpus > 1 and pending == 1 else 1
 
 
 def pending_units(store, step: pipeline.Step, root=None) -> list[dict[str, Any]]:
@@ -180,12 +205,19 @@ def run_pipeline(run_uri: str, workers: int | None = None, steps: list[str] | No
             shared = [t for t in todo if t not in alone]
             names = "+".join(s.name for s in level)
             bar = tqdm(total=len(todo), desc=names, unit="unit", disable=not progress, file=sys.stderr)
+            # the GPUs this run uses: workers share them round-robin, so fewer workers use fewer GPUs
+            lone = unit_gpus(todo[0][0], min(workers, gpus), len(todo))
             try:
-                _run_units(pool, shared, run_uri, bar)
-                if alone:
-                    with measuring_lock():
-                        for t in alone:
-                            _run_units(pool, [t], run_uri, bar)
+                if lone > 1:
+                    lock = measuring_lock() if todo[0][0].name in TIMED_STEPS else contextlib.nullcontext()
+                    with lock:
+                        _run_on_all_gpus(*todo[0], run_uri, lone, bar)
+                else:
+                    _run_units(pool, shared, run_uri, bar)
+                    if alone:
+                        with measuring_lock():
+                            for t in alone:
+                                _run_units(pool, [t], run_uri, bar)
             finally:
                 bar.close()
     except KeyboardInterrupt:
@@ -222,6 +254,20 @@ def _run_units(pool, todo, run_uri: str, bar) -> None:
         bar.set_postfix_str(f"{s.name}/{u['id']}")
     if failure is not None:
         raise failure
+
+
+def _run_on_all_gpus(step: pipeline.Step, unit: dict[str, Any], run_uri: str, gpus: int, bar) -> None:
+    """One unit as ``gpus`` torchrun workers, launched from this process as `puzzle step` would be."""
+    from puzzle import launch
+    from puzzle.errors import EXIT_BAD_INPUT
+
+    argv = ["step", step.name, "--run", run_uri, "--unit", json.dumps(unit), "--nproc-per-node", str(gpus)]
+    status = launch.launch(argv, gpus)
+    bar.update(1)
+    bar.set_postfix_str(f"{step.name}/{unit['id']} on {gpus} GPUs")
+    if status != 0:
+        raise UnitFailure(step.name, str(unit["id"]), f"its {gpus} torchrun workers exited with status {status}",
+                          bad_input=status == EXIT_BAD_INPUT)
 
 
 def interrupted_summary(run_uri: str) -> str:

@@ -4,6 +4,10 @@ Validates the config, uploads it to ``<store.uri>/<run-id>/config.yaml`` and cre
 (``workflowTemplateRef``), through Argo Server when ``--argo-server`` (or ``ARGO_SERVER``) is given,
 else directly as a custom object with the kubeconfig / in-cluster credentials. Prints the workflow
 name and the commands to follow it. ``--dry-run`` prints the Workflow and touches nothing.
+
+The cluster side lives here too, since nothing else needs it: :func:`build_workflow` makes the Workflow
+object of one run, :func:`create_via_argo_server` sends it through Argo Server's REST API (Hera's
+``WorkflowsService``) and :func:`create_via_kubernetes` creates it with the kubernetes client.
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from puzzle.errors import UserError
+
+RUN_ID_LABEL = "puzzle.dev/run-id"
 
 
 def register(sub) -> None:
@@ -52,7 +59,6 @@ def parse_parameters(items: list[str]) -> dict[str, str]:
 
 
 def _main(args) -> int:
-    from puzzle import k8s, pipeline
     from puzzle.config import load_config
 
     cfg = load_config(args.config)
@@ -73,9 +79,9 @@ def _main(args) -> int:
 
     run_id = args.run_id or new_run_id(cfg.name)
     check_run_id(run_id)  # the same rule as every step: a DNS label, which a Workflow name must be too
-    workflow = k8s.build_workflow(
+    workflow = build_workflow(
         run_id=run_id, store_prefix=cfg.store.uri, namespace=args.namespace,
-        template=args.template or pipeline.template_name(), parameters=params,
+        template=args.template, parameters=params,
     )
     if args.dry_run:
         sys.stdout.write(yaml.safe_dump(workflow, sort_keys=False))
@@ -85,12 +91,12 @@ def _main(args) -> int:
     print(f"uploaded {run_uri}/{CONFIG}")
     try:
         if args.argo_server:
-            name = k8s.create_via_argo_server(
+            name = create_via_argo_server(
                 workflow, server=args.argo_server, namespace=args.namespace,
                 token=args.argo_token, verify_ssl=not args.insecure_skip_verify,
             )
         else:
-            name = k8s.create_via_kubernetes(
+            name = create_via_kubernetes(
                 workflow, namespace=args.namespace, kubeconfig=args.kubeconfig, context=args.context
             )
     except Exception as err:
@@ -100,6 +106,102 @@ def _main(args) -> int:
         ) from err
     print(f"workflow {name} created in namespace {args.namespace} (template {workflow['spec']['workflowTemplateRef']['name']})")
     print("follow it with:")
-    for cmd in k8s.follow_commands(name, args.namespace, run_uri):
+    for cmd in follow_commands(name, args.namespace, run_uri):
         print(f"  {cmd}")
     return 0
+
+
+def build_workflow(
+    *,
+    run_id: str,
+    store_prefix: str,
+    namespace: str,
+    template: str | None = None,
+    parameters: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The Workflow that runs ``<store_prefix>/<run_id>`` from the WorkflowTemplate ``template``.
+
+    Its name is the run id, so a run can't be submitted twice and ``argo get RUN_ID`` finds it.
+    ``parameters`` override template defaults (image, gpu-count, ...); unknown names are rejected.
+    """
+    from puzzle import argo
+
+    extra = dict(parameters or {})
+    unknown = sorted(set(extra) - set(argo.WORKFLOW_PARAMETERS))
+    if unknown:
+        raise UserError(
+            f"workflow parameter(s) {unknown} do not exist; allowed: {', '.join(argo.WORKFLOW_PARAMETERS)}"
+        )
+    for fixed in ("run-id", "store-prefix"):
+        if fixed in extra:
+            raise UserError(f"workflow parameter {fixed!r} is set by puzzle submit itself; remove it")
+    count = str(extra.get("gpu-count", "1"))
+    if not count.isdigit() or int(count) < 1:
+        # the GPU limit of every GPU pod and the torchrun worker count: refused here, not in each pod
+        raise UserError(f"workflow parameter 'gpu-count': {count!r} is not allowed; give a whole number >= 1")
+    if not store_prefix.startswith("s3://"):
+        raise UserError(
+            f"store.uri: {store_prefix!r} is not reachable from cluster pods; use s3://BUCKET/PREFIX"
+        )
+    params = [{"name": "run-id", "value": run_id}, {"name": "store-prefix", "value": store_prefix.rstrip("/")}]
+    params += [{"name": k, "value": str(extra[k])} for k in argo.WORKFLOW_PARAMETERS if k in extra]
+    return {
+        "apiVersion": "argoproj.io/v1alpha1",
+        "kind": "Workflow",
+        "metadata": {
+            "name": run_id,
+            "namespace": namespace,
+            "labels": {RUN_ID_LABEL: run_id, "app.kubernetes.io/name": "puzzle", "app.kubernetes.io/part-of": "puzzle"},
+        },
+        "spec": {
+            "workflowTemplateRef": {"name": template or argo.template_name()},
+            "arguments": {"parameters": params},
+        },
+    }
+
+
+def create_via_argo_server(
+    workflow: dict[str, Any], *, server: str, namespace: str, token: str | None = None, verify_ssl: bool = True
+) -> str:
+    """POST the Workflow to Argo Server (``/api/v1/workflows/{namespace}``); returns the created name."""
+    from hera.workflows.models import Workflow, WorkflowCreateRequest
+    from hera.workflows.service import WorkflowsService
+
+    # A trailing slash keeps a path prefix (https://host/argo/) when Hera joins "api/v1/...".
+    # Hera adds "Bearer " unless the token already has a scheme, as `argo auth token` prints it.
+    service = WorkflowsService(
+        host=server.rstrip("/") + "/", token=token, verify_ssl=verify_ssl, namespace=namespace
+    )
+    created = service.create_workflow(
+        WorkflowCreateRequest(workflow=Workflow.model_validate(workflow), namespace=namespace),
+        namespace=namespace,
+    )
+    return created.metadata.name
+
+
+def create_via_kubernetes(
+    workflow: dict[str, Any], *, namespace: str, kubeconfig: str | None = None, context: str | None = None
+) -> str:
+    """Create the Workflow as a custom object with the kubernetes client (kubeconfig or in-cluster)."""
+    from kubernetes import client, config
+
+    if kubeconfig is None and context is None:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+    else:
+        config.load_kube_config(config_file=kubeconfig, context=context)
+    api = client.CustomObjectsApi()
+    created = api.create_namespaced_custom_object(
+        group="argoproj.io", version="v1alpha1", namespace=namespace, plural="workflows", body=workflow
+    )
+    return created["metadata"]["name"]
+
+
+def follow_commands(name: str, namespace: str, run_uri: str) -> list[str]:
+    return [
+        f"argo -n {namespace} watch {name}",
+        f"argo -n {namespace} logs {name} --follow",
+        f"puzzle status {run_uri}",
+    ]

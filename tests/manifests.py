@@ -1,11 +1,14 @@
-"""Kubernetes-side logic of ``puzzle submit`` / ``puzzle status`` and checks of the manifests we ship.
+"""Checks of the manifests we ship (the rendered WorkflowTemplate, every object the chart renders).
 
-- :func:`build_workflow` makes the Workflow object that runs one Puzzle run from the installed
-  WorkflowTemplate (``workflowTemplateRef``); :func:`create_via_argo_server` sends it through Argo
-  Server's REST API (Hera's ``WorkflowsService``), :func:`create_via_kubernetes` creates it directly as a
-  custom object with the kubernetes client.
-- :func:`security_problems`, :func:`unquoted_quantities` and :func:`rbac_violations` are the checks the
-  tests (and ``puzzle render-workflow``) run on the WorkflowTemplate and the chart's objects.
+Test code only: the package never runs them. Used by tests/test_argo.py, test_chart.py, test_security.py
+and test_submit.py.
+
+- :func:`argo_unknown_fields`: paths Hera's Argo models do not know (typos, wrong nesting);
+- :func:`unquoted_quantities`: resource quantities that are not strings, podSpecPatch included;
+- :func:`security_problems`: a WorkflowTemplate's pods against the project's lock-down;
+- :func:`restricted_pss_problems`: every pod-bearing object against the "restricted" Pod Security Standard;
+- :func:`rbac_violations`: RBAC wider than :data:`RBAC_ALLOW_LIST`;
+- :func:`substitute`: Argo-style ``{{...}}`` substitution, to read a podSpecPatch as it will be applied.
 """
 
 from __future__ import annotations
@@ -14,116 +17,14 @@ import json
 import re
 from typing import Any
 
-from puzzle import pipeline
+import yaml
+from puzzle import argo
 
-RUN_ID_LABEL = "puzzle.dev/run-id"
 #: RBAC rules the chart may grant: (apiGroup, resource) -> verbs. Anything wider fails the tests.
 RBAC_ALLOW_LIST: dict[tuple[str, str], frozenset[str]] = {
     ("argoproj.io", "workflowtaskresults"): frozenset({"create", "patch"}),
 }
 ARGO_EXPR = re.compile(r"\{\{[^{}]*\}\}")
-
-
-# ------------------------------------------------------------------------------------------------
-# The Workflow object of one run
-# ------------------------------------------------------------------------------------------------
-
-
-def build_workflow(
-    *,
-    run_id: str,
-    store_prefix: str,
-    namespace: str,
-    template: str | None = None,
-    parameters: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """The Workflow that runs ``<store_prefix>/<run_id>`` from the WorkflowTemplate ``template``.
-
-    Its name is the run id, so a run can't be submitted twice and ``argo get RUN_ID`` finds it.
-    ``parameters`` override template defaults (image, gpu-count, ...); unknown names are rejected.
-    """
-    from puzzle.errors import UserError
-
-    extra = dict(parameters or {})
-    unknown = sorted(set(extra) - set(pipeline.WORKFLOW_PARAMETERS))
-    if unknown:
-        raise UserError(
-            f"workflow parameter(s) {unknown} do not exist; allowed: {', '.join(pipeline.WORKFLOW_PARAMETERS)}"
-        )
-    for fixed in ("run-id", "store-prefix"):
-        if fixed in extra:
-            raise UserError(f"workflow parameter {fixed!r} is set by puzzle submit itself; remove it")
-    if not store_prefix.startswith("s3://"):
-        raise UserError(
-            f"store.uri: {store_prefix!r} is not reachable from cluster pods; use s3://BUCKET/PREFIX"
-        )
-    params = [{"name": "run-id", "value": run_id}, {"name": "store-prefix", "value": store_prefix.rstrip("/")}]
-    params += [{"name": k, "value": str(extra[k])} for k in pipeline.WORKFLOW_PARAMETERS if k in extra]
-    return {
-        "apiVersion": "argoproj.io/v1alpha1",
-        "kind": "Workflow",
-        "metadata": {
-            "name": run_id,
-            "namespace": namespace,
-            "labels": {RUN_ID_LABEL: run_id, "app.kubernetes.io/name": "puzzle", "app.kubernetes.io/part-of": "puzzle"},
-        },
-        "spec": {
-            "workflowTemplateRef": {"name": template or pipeline.template_name()},
-            "arguments": {"parameters": params},
-        },
-    }
-
-
-def create_via_argo_server(
-    workflow: dict[str, Any], *, server: str, namespace: str, token: str | None = None, verify_ssl: bool = True
-) -> str:
-    """POST the Workflow to Argo Server (``/api/v1/workflows/{namespace}``); returns the created name."""
-    from hera.workflows.models import Workflow, WorkflowCreateRequest
-    from hera.workflows.service import WorkflowsService
-
-    # A trailing slash keeps a path prefix (https://host/argo/) when Hera joins "api/v1/...".
-    # Hera adds "Bearer " unless the token already has a scheme, as `argo auth token` prints it.
-    service = WorkflowsService(
-        host=server.rstrip("/") + "/", token=token, verify_ssl=verify_ssl, namespace=namespace
-    )
-    created = service.create_workflow(
-        WorkflowCreateRequest(workflow=Workflow.model_validate(workflow), namespace=namespace),
-        namespace=namespace,
-    )
-    return created.metadata.name
-
-
-def create_via_kubernetes(
-    workflow: dict[str, Any], *, namespace: str, kubeconfig: str | None = None, context: str | None = None
-) -> str:
-    """Create the Workflow as a custom object with the kubernetes client (kubeconfig or in-cluster)."""
-    from kubernetes import client, config
-
-    if kubeconfig is None and context is None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-    else:
-        config.load_kube_config(config_file=kubeconfig, context=context)
-    api = client.CustomObjectsApi()
-    created = api.create_namespaced_custom_object(
-        group="argoproj.io", version="v1alpha1", namespace=namespace, plural="workflows", body=workflow
-    )
-    return created["metadata"]["name"]
-
-
-def follow_commands(name: str, namespace: str, run_uri: str) -> list[str]:
-    return [
-        f"argo -n {namespace} watch {name}",
-        f"argo -n {namespace} logs {name} --follow",
-        f"puzzle status {run_uri}",
-    ]
-
-
-# ------------------------------------------------------------------------------------------------
-# Manifest checks (tests and `puzzle render-workflow` use them)
-# ------------------------------------------------------------------------------------------------
 
 
 def substitute(text: str, values: dict[str, str]) -> str:
@@ -140,7 +41,7 @@ def unquoted_quantities(obj: Any, path: str = "") -> list[str]:
             if k in ("requests", "limits") and isinstance(v, dict):
                 bad += [f"{p}.{q}" for q, val in v.items() if not isinstance(val, str)]
             elif k == "podSpecPatch" and isinstance(v, str):
-                sample = {f"workflow.parameters.{n}": d for n, (d, _) in pipeline.WORKFLOW_PARAMETERS.items() if d}
+                sample = {f"workflow.parameters.{n}": d for n, (d, _) in argo.WORKFLOW_PARAMETERS.items() if d}
                 try:
                     patch = json.loads(substitute(v, sample))
                 except json.JSONDecodeError as err:
@@ -250,3 +151,95 @@ def argo_unknown_fields(manifest: dict[str, Any]) -> list[str]:
     model_cls = {"WorkflowTemplate": m.WorkflowTemplate, "Workflow": m.Workflow}[manifest["kind"]]
     parsed = model_cls.model_validate(manifest).model_dump(mode="json", by_alias=True, exclude_none=True)
     return _dropped(manifest, parsed, "")
+
+
+# ----- the "restricted" Pod Security Standard (kubernetes.io/docs/concepts/security/pod-security-standards)
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+CONTAINER_KEYS = ("containers", "initContainers", "ephemeralContainers")
+
+
+def _pod_specs(obj: Any, path: str = "") -> list[tuple[str, dict]]:
+    """Every pod-level spec in a manifest: Kubernetes workloads, and Argo's workflow-level pod settings
+    with each template's container (and its podSpecPatch, which Argo merges into the pod)."""
+    out: list[tuple[str, dict]] = []
+    if isinstance(obj, dict):
+        if any(k in obj for k in CONTAINER_KEYS):
+            out.append((path or "<root>", obj))
+        for k, v in obj.items():
+            out += _pod_specs(v, f"{path}.{k}" if path else k)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _pod_specs(v, f"{path}[{i}]")
+    return out
+
+
+def _containers_of_workflow(wt: dict) -> list[tuple[str, dict, dict]]:
+    """(where, container, pod-level settings) for each template of an Argo (Cluster)WorkflowTemplate."""
+    spec = wt["spec"]
+    out = []
+    for t in spec.get("templates", []):
+        pod = {"securityContext": spec.get("securityContext") or {}, "volumes": spec.get("volumes", []),
+               **{k: spec[k] for k in ("hostNetwork", "hostPID", "hostIPC") if k in spec}}
+        patch = t.get("podSpecPatch")
+        if patch:
+            # Argo fills {{...}} (quoted or bare) before merging the patch: any placeholder parses
+            parsed = yaml.safe_load(re.sub(r'"?\{\{[^{}]*\}\}"?', '"x"', patch))
+            for k in ("hostNetwork", "hostPID", "hostIPC", "securityContext", "volumes"):
+                if k in parsed:
+                    pod[k] = parsed[k]
+            for c in parsed.get("containers", []):
+                if set(c) - {"name", "resources"}:
+                    out.append((f"templates[{t['name']}].podSpecPatch.containers[{c.get('name')}]", c, pod))
+        for key in ("container", "script"):
+            if key in t:
+                out.append((f"templates[{t['name']}].{key}", t[key], pod))
+        for i, c in enumerate(t.get("initContainers", []) + t.get("sidecars", [])):
+            out.append((f"templates[{t['name']}].init/sidecar[{i}]", c, pod))
+    return out
+
+
+def restricted_pss_problems(docs: list[dict]) -> list[str]:
+    """Breaches of the restricted Pod Security Standard in rendered manifests (empty: none)."""
+    bad: list[str] = []
+    checks: list[tuple[str, dict, dict]] = []
+    for d in docs:
+        name = f"{d['kind']} {d['metadata']['name']}"
+        if d["kind"] in ("WorkflowTemplate", "ClusterWorkflowTemplate", "Workflow", "CronWorkflow"):
+            wf = d if d["kind"] != "CronWorkflow" else {"spec": d["spec"]["workflowSpec"]}
+            checks += [(f"{name}: {w}", c, pod) for w, c, pod in _containers_of_workflow(wf)]
+        else:
+            for where, pod in _pod_specs(d.get("spec", {})):
+                for key in CONTAINER_KEYS:
+                    checks += [(f"{name}: {where}.{key}[{c.get('name')}]", c, pod) for c in pod.get(key, [])]
+    for where, c, pod in checks:
+        psc, csc = pod.get("securityContext") or {}, c.get("securityContext") or {}
+        for k in ("hostNetwork", "hostPID", "hostIPC"):
+            if pod.get(k):
+                bad.append(f"{where}: pod {k} is set")
+        for v in pod.get("volumes", []):
+            kinds = set(v) - {"name"}
+            if not kinds <= RESTRICTED_VOLUMES:
+                bad.append(f"{where}: volume {v.get('name')} of type {sorted(kinds)} (hostPath and others are not allowed)")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            bad.append(f"{where}: hostPort is set")
+        if csc.get("privileged"):
+            bad.append(f"{where}: privileged")
+        if csc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{where}: allowPrivilegeEscalation must be false")
+        caps = csc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            bad.append(f"{where}: capabilities must drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{where}: capabilities.add {caps['add']}")
+        if csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            bad.append(f"{where}: runAsNonRoot must be true")
+        if csc.get("runAsUser", psc.get("runAsUser")) == 0:
+            bad.append(f"{where}: runAsUser 0")
+        seccomp = (csc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{where}: seccompProfile.type must be RuntimeDefault or Localhost, got {seccomp!r}")
+        for e in c.get("env", []):
+            if any(w in e.get("name", "").upper() for w in ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY")) and "value" in e:
+                bad.append(f"{where}: env {e['name']} has a literal value; use a secretKeyRef")
+    return bad
