@@ -138,7 +138,10 @@ def test_report_json_has_every_figure(run, tmp_path):
     assert [p["tokens_per_s"]["cpu"] for p in rep["pareto"]] == [100.0, 150.0, 200.0, 250.0]
     # BLD curves from the library metas: 2 layers x 4 trained variants
     assert len(rep["bld"]) == 8 and all(b["loss_curve"] for b in rep["bld"])
-    assert "puzzle_report_models{" in store.get_text("metrics/report-all.prom")
+    prom = store.get_text("metrics/report-all.prom")
+    assert "puzzle_report_models{" in prom
+    met = all(r["measured_met"] for c in rep["constraints"] for r in c["models"])
+    assert re.search(rf'^puzzle_report_targets_met{{[^}}]*solution="sol-0"[^}}]*}} {float(met)}$', prom, re.MULTILINE)
 
     # the targets: the solver's own predicted values, the measured ones, each met or missed
     cons = {c["name"]: c for c in rep["constraints"]}
