@@ -546,6 +546,20 @@ def test_summary_table_fits_110_columns_and_names_the_baselines(synthetic):
     assert "baseline-drop-2: layer dropping: 1 of 2 layers removed ([1])" in flat, "described from its block configs"
     assert "At 2.00x measured speed on cpu, sol-0 keeps 95.0%" in flat
     assert "shrinking" not in text
+    # the widest a real run gets: the longest baseline id, six-figure tok/s, an unpaired parent figure
+    wide = json.loads(json.dumps(rep))
+    b = wide["baselines"][0]
+    b["id"] = "baseline-uniform-ffn-linear"
+    b["measured"]["cpu"].update(tokens_per_s=123_456.0, parent_tokens_per_s=65_432.0, speedup_method="parent unit")
+    b["predicted"]["cpu"].update(tokens_per_s=234_567.0, speedup=12.34)
+    lines = summary_table(wide).splitlines()
+    assert max(len(line) for line in lines) <= TEXT_WIDTH, max(lines, key=len)
+    assert any(line.startswith("baseline-uniform-ffn-linear ") and "65,432†" in line for line in lines)
+    # and a hopeless one: the id is cut, the figures are not
+    b["id"] = "baseline-" + "x" * 80
+    lines = summary_table(wide).splitlines()
+    row = next(line for line in lines if line.startswith("baseline-xxx"))
+    assert len(row) <= TEXT_WIDTH and "…" in row and "123,456" in row
 
 
 def test_html_of_a_synthetic_run_has_every_section_and_plot(synthetic):
@@ -558,3 +572,19 @@ def test_html_of_a_synthetic_run_has_every_section_and_plot(synthetic):
     for text in ("Every target, all of them together", "interpolated between baseline-uniform-ffn-m1.0 at 1.60x",
                  "Variant codes", "This parent: hidden size 64, 8 query heads", "[0.48, 0.74]", "Below half"):
         assert text in page, text
+
+
+def test_a_report_json_from_before_these_fields_still_prints(synthetic):
+    """``puzzle report`` reads a stored report.json as it is: one written before targets, equal-speed
+    records, sentences and the legend existed still gives its table."""
+    rep, _ = synthetic
+    old = {k: v for k, v in json.loads(json.dumps(rep)).items()
+           if k not in ("constraints", "equal_speed", "icl_sentences", "icl_selection", "legend", "parent_dims",
+                        "score_metric", "task_examples")}
+    for m in [old["parent"], *old["solutions"], *old["baselines"]]:
+        m.pop("description", None)
+        for me in m["measured"].values():
+            me.pop("parent_tokens_per_s", None)
+    text = summary_table(old)
+    assert re.search(r"^sol-0\s+230\s+2\.30x\s+200\s+—\s+2\.00x\s", text, re.MULTILINE)
+    assert "Targets" not in text and "Variant codes" not in text

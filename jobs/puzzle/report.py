@@ -1062,25 +1062,36 @@ def constraint_lines(report: dict[str, Any]) -> list[str]:
     return out
 
 
-def _text_table(groups: list[tuple[str, int]], heads: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(heads)]
-    col = 0
-    for label, n in groups:  # widen a group's last column when its label is longer than the group
-        span = sum(widths[col:col + n]) + 2 * (n - 1)
-        if len(label) > span:
-            widths[col + n - 1] += len(label) - span
-        col += n
+def _text_table(groups: list[tuple[str, int]], heads: list[str], rows: list[list[str]], right: set[int],
+                width: int = TEXT_WIDTH) -> list[str]:
+    """Columns under group labels, two spaces apart; one space where two would pass ``width``, and the first
+    column (the model id) cut with '…' where even that does not fit."""
+    for gap in (2, 1):
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(heads)]
+        col = 0
+        for label, n in groups:  # widen a group's last column when its label is longer than the group
+            span = sum(widths[col:col + n]) + gap * (n - 1)
+            if len(label) > span:
+                widths[col + n - 1] += len(label) - span
+            col += n
+        if sum(widths) + gap * (len(widths) - 1) <= width:
+            break
+    over = sum(widths) + gap * (len(widths) - 1) - width
+    if over > 0:
+        widths[0] = max(len(heads[0]), widths[0] - over)
+        rows = [[r[0] if len(r[0]) <= widths[0] else r[0][: widths[0] - 1] + "…", *r[1:]] for r in rows]
+    sep = " " * gap
     top, col = [], 0
     for label, n in groups:
-        span = sum(widths[col:col + n]) + 2 * (n - 1)
+        span = sum(widths[col:col + n]) + gap * (n - 1)
         top.append(label.ljust(span))
         col += n
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths,
-                                                                                                   strict=True)))
+        return sep.join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths,
+                                                                                                 strict=True)))
 
-    return ["  ".join(top).rstrip(), line(heads).rstrip(), "  ".join("-" * w for w in widths),
+    return [sep.join(top).rstrip(), line(heads).rstrip(), sep.join("-" * w for w in widths),
             *[line(r).rstrip() for r in rows]]
 
 
@@ -1164,7 +1175,9 @@ def _met_html(v: bool | None) -> str:
 
 
 def _targets_html(report: dict[str, Any]) -> list[str]:
-    cons = report.get("constraints")
+    if "constraints" not in report:  # a report.json written before targets were reported
+        return []
+    cons = report["constraints"]
     parts = ["<h2>Targets</h2>"]
     if not cons:
         parts.append("<p>No target was set (<code>solve.throughput</code>, <code>memory_gib</code>, "
