@@ -44,6 +44,7 @@ from puzzle.report import (
     interpolate_at,
     render_html,
     summary_table,
+    targets_verdict,
     variant_legend,
 )
 from puzzle.store import open_store
@@ -212,9 +213,12 @@ def test_missing_evaluations_are_listed_not_invented(run):
     assert "not evaluated yet: sol-1" in summary_table(rep)
     assert "Not evaluated yet: sol-1" in render_html(rep)
     (eq,) = [e for e in rep["equal_speed"] if e["id"] == "sol-1"]
-    assert eq["measured_speedup"] is None and "sol-1 has no measured throughput on cpu" in eq["sentence"]
+    assert eq["measured_speedup"] is None
+    assert eq["sentence"] == ("sol-1 has no measured throughput on cpu (not evaluated yet), so it is not compared "
+                              "with the baselines.")
     (row,) = [r for r in rep["constraints"][0]["models"] if r["id"] == "sol-1"]
     assert row["measured"] is None and row["measured_met"] is None and row["predicted_met"] is True
+    assert row["measured_reason"] == "not evaluated yet"
 
 
 def test_puzzle_report_prints_the_table(run, capsys):
@@ -395,7 +399,13 @@ def test_constraints_met_and_missed(synthetic):
     assert row("params", "sol-1")["predicted_met"] is False and row("params", "sol-0")["measured"] == 1500
     assert cons["params"]["label"] == "params <= 2,000 parameters"
     assert cons["memory on cpu"]["label"] == "memory on cpu <= 1 GiB"
+    assert targets_verdict(rep["constraints"], "sol-0") == (
+        "sol-0 meets every target by prediction; misses memory on cpu as measured (3 of 7 not measured).")
+    assert targets_verdict(rep["constraints"], "sol-1") == (
+        "sol-1 misses throughput on gpu, params by prediction; misses speedup over the parent on cpu, params as "
+        "measured (3 of 7 not measured).")
     text = summary_table(rep)
+    assert "sol-0 meets every target by prediction; misses memory on cpu as measured" in text
     assert "speedup over the parent on cpu >= 2x" in text and "throughput on gpu >= 500 tokens/s" in text
     assert "sol-0: predicted 2.3x met; measured 2x met (paired with the parent timed right after it)" in text
     assert "sol-1: predicted 2x met; measured 1.9x MISSED" in text
@@ -569,7 +579,7 @@ def test_html_of_a_synthetic_run_has_every_section_and_plot(synthetic):
     assert images == ["Quality against measured speed", "Pareto front and built models", "Per-layer architecture",
                       "Predicted vs measured throughput"]
     assert "<h2>BLD loss curves</h2>\n<p class='note'>No data for this plot in the run.</p>" in page, "no library here"
-    for text in ("Every target, all of them together", "interpolated between baseline-uniform-ffn-m1.0 at 1.60x",
+    for text in ("sol-1 misses throughput on gpu, params by prediction", "interpolated between baseline-uniform-ffn-m1.0 at 1.60x",
                  "Variant codes", "This parent: hidden size 64, 8 query heads", "[0.48, 0.74]", "Below half"):
         assert text in page, text
 

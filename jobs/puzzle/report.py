@@ -344,6 +344,13 @@ def _constraint_value(c: dict[str, Any], m: dict[str, Any], source: str) -> floa
     return v / GIB if v is not None and what == "memory" else v
 
 
+def _unmeasured_reason(m: dict[str, Any], sc: str | None) -> str:
+    if not m.get("evaluated"):
+        return "not evaluated yet"
+    reason = ((m.get("measured") or {}).get(sc) or {}).get("reason") if sc else None
+    return reason or "evaluate measured no throughput (eval.measure_throughput is off)"
+
+
 def check_constraints(targets: list[dict[str, Any]], models: list[dict[str, Any]],
                       solver_values: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
     """Each target with, per model, the predicted value (the solver's own where ``solver_values`` has it)
@@ -359,10 +366,7 @@ def check_constraints(targets: list[dict[str, Any]], models: list[dict[str, Any]
             how = None
             if c["what"] in ("throughput", "speedup") and meas is not None:
                 how = ((m.get("measured") or {}).get(c["scenario"]) or {}).get("speedup_method")
-            reason = None
-            if meas is None and c["scenario"] is not None:
-                reason = ((m.get("measured") or {}).get(c["scenario"]) or {}).get("reason") or (
-                    "not evaluated" if not m.get("evaluated") else "not measured by evaluate")
+            reason = _unmeasured_reason(m, c["scenario"]) if meas is None else None
             rows.append({"id": m["id"], "predicted": pred, "predicted_met": _met(pred, c["op"], c["target"]),
                          "measured": meas, "measured_met": _met(meas, c["op"], c["target"]),
                          **({"measured_reason": reason} if reason else {}),
@@ -384,6 +388,26 @@ def targets_status(constraints: list[dict[str, Any]], model_id: str) -> dict[str
 
     return {"predicted": all_of([r["predicted_met"] for r in rows]),
             "measured": all_of([r["measured_met"] for r in rows])}
+
+
+def targets_verdict(constraints: list[dict[str, Any]], model_id: str) -> str | None:
+    """'sol-0 meets every target by prediction; misses memory on cpu as measured (3 of 7 not measured).'"""
+    rows = [(c, r) for c in constraints for r in c["models"] if r["id"] == model_id]
+    if not rows:
+        return None
+    p_miss = [c["name"] for c, r in rows if r["predicted_met"] is False]
+    m_miss = [c["name"] for c, r in rows if r["measured_met"] is False]
+    unmeasured = sum(1 for _, r in rows if r["measured_met"] is None)
+    pred = f"misses {', '.join(p_miss)} by prediction" if p_miss else "meets every target by prediction"
+    if m_miss:
+        meas = f"misses {', '.join(m_miss)} as measured"
+    elif unmeasured == len(rows):
+        meas = "none was measured"
+    else:
+        meas = "meets every measured one"
+    if 0 < unmeasured < len(rows):
+        meas += f" ({unmeasured} of {len(rows)} not measured)"
+    return f"{model_id} {pred}; {meas}."
 
 
 # ----- quality at equal measured speed ---------------------------------------------------------------
@@ -483,7 +507,7 @@ def equal_speed_sentence(rec: dict[str, Any], report: dict[str, Any]) -> str:
     sid, x, sc = rec["id"], rec["measured_speedup"], rec["scenario"]
     if x is None:
         sol = next((s for s in report["solutions"] if s["id"] == sid), {})
-        reason = ((sol.get("measured") or {}).get(sc) or {}).get("reason") or "not evaluated"
+        reason = _unmeasured_reason(sol, sc)
         return f"{sid} has no measured throughput on {sc} ({reason}), so it is not compared with the baselines."
     vals, p_acc = rec["values"], rec["parent_values"].get("task_accuracy")
     if "task_accuracy" in vals and p_acc:
@@ -1048,6 +1072,10 @@ def constraint_lines(report: dict[str, Any]) -> list[str]:
         return _wrap("Targets: none set (solve.throughput, memory_gib, max_prefill_latency_s and max_params are "
                      "all empty): the solver minimised degradation alone.", indent="")
     out = ["Targets (solve) and whether each solution meets them, by prediction and by measurement:"]
+    for s in report["solutions"]:
+        verdict = targets_verdict(cons, s["id"])
+        if verdict:
+            out += _wrap(verdict)
     for c in cons:
         out.append(f"  {c['label']}")
         for r in c["models"]:
@@ -1184,12 +1212,7 @@ def _targets_html(report: dict[str, Any]) -> list[str]:
                      "<code>max_prefill_latency_s</code> and <code>max_params</code> are all empty): the solver "
                      "minimised degradation alone.</p>")
         return parts
-    said = []
-    for s in report["solutions"]:
-        t = targets_status(cons, s["id"])
-        said.append(f"<code>{html.escape(s['id'])}</code>: predicted {_met_html(t['predicted'])}, "
-                    f"measured {_met_html(t['measured'])}")
-    parts.append("<p>Every target, all of them together: " + "; ".join(said) + ".</p>")
+    parts += [f"<p>{html.escape(v)}</p>" for v in (targets_verdict(cons, s["id"]) for s in report["solutions"]) if v]
     rows = []
     for c in cons:
         for r in c["models"]:
@@ -1269,7 +1292,7 @@ def _baselines_html(report: dict[str, Any]) -> list[str]:
     return ["<h2>Baselines</h2>",
             _table(["model", "family", "what it is", "predicted speedup", "measured speedup (paired)"], rows),
             ("<p class='note'>Each family comes in up to two settings whose predicted throughput brackets the "
-             "first solution's, so the comparison above is read at the same speed.</p>")]
+             "first solution's, so the comparison below is read at the same speed.</p>")]
 
 
 def _icl_html(report: dict[str, Any]) -> list[str]:
@@ -1372,5 +1395,7 @@ __all__ = [
     "render_html",
     "summary_rows",
     "summary_table",
+    "targets_status",
+    "targets_verdict",
     "variant_legend",
 ]
