@@ -448,6 +448,11 @@ def test_legend_explains_the_runs_variant_codes(synthetic):
     assert "= 1536" in e["ffn_m0.5"]["meaning"]  # round_up(1365, 256)
     assert e["ffn_i14336"]["parent"] and "exactly 14336; the parent's own FFN" in e["ffn_i14336"]["meaning"]
     assert e["ffn_noop"]["meaning"].startswith("FFN removed") and e["attn_linear"]["brief"] == "linear map"
+    # without the parent's sizes: the formulas, and the same order
+    bare = variant_legend(names, None, parent)
+    assert [x["code"] for x in bare] == [x["code"] for x in legend]
+    assert bare[5]["meaning"] == "SwiGLU FFN of intermediate round_up(int(2*2*hidden/3), 256)"
+    assert bare[0]["meaning"].endswith("i.e. num_kv = heads/4; the parent's own attention")
     # a small parent, where vLLM's 256-rounding would inflate the width: the finer rounding, said so
     small = {x["code"]: x for x in variant_legend(["ffn_m0.5"], {"hidden_size": 64, "num_attention_heads": 8})}
     assert "= 256; for this parent that rounding grows the width by more than 25%" in small["ffn_m0.5"]["meaning"]

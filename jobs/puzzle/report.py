@@ -40,7 +40,6 @@ import io
 import itertools
 import logging
 import math
-import re
 import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -208,19 +207,41 @@ def _parent_dims(store: Store, units: list[dict[str, Any]]) -> dict[str, Any] | 
 
 
 # ----- the legend of variant codes -----------------------------------------------------------------
-_CODE = re.compile(r"^(attn|ffn)_(?:g(\d+)|m([0-9.e+-]+)|i(\d+)|(linear)|(noop))$")
+_STAND_IN_HIDDEN = 2**20  # large, so that any ffn_mult a config allows maps to a width >= 1
 
 
-def _code_order(name: str) -> tuple:
-    m = _CODE.match(name)
-    if not m:
-        return (2, 0, name)
-    part = 0 if m.group(1) == "attn" else 1
-    if m.group(2):
-        return (part, 0, int(m.group(2)))
-    if m.group(3) or m.group(4):
-        return (part, 0, -float(m.group(3) or 0) if m.group(3) else -1e9 - int(m.group(4)))
-    return (part, 1 if m.group(5) else 2, 0)
+def _parse_variant(name: str, hidden: int | None):
+    """The typed variant of a code (the grammar of :mod:`puzzle.model.variants`), None if it is not one.
+    Without the parent's hidden size an ``ffn_m`` code parses with a stand-in, and only its ffn_mult counts."""
+    from puzzle.model.variants import attention_variant_from_name, ffn_variant_from_name
+
+    try:
+        if name.startswith("attn_"):
+            return attention_variant_from_name(name)
+        return ffn_variant_from_name(name, hidden or _STAND_IN_HIDDEN)
+    except ValueError:
+        return None
+
+
+_KIND_ORDER = {"gqa": 0, "swiglu": 0, "linear": 1, "noop": 2}
+
+
+def _code_order(name: str, hidden: int | None = None) -> tuple:
+    """Attention before FFN; GQA by group size, SwiGLU widest first (the parent's own width leads), then
+    linear, then no-op."""
+    v = _parse_variant(name, hidden)
+    if v is None:
+        return (2, 0, 0.0, name)
+    part = 0 if name.startswith("attn_") else 1
+    if v.kind == "gqa":
+        size = float(v.n_heads_in_group)
+    elif v.kind == "swiglu" and hidden:
+        size = -float(v.intermediate_size)
+    elif v.kind == "swiglu":  # widths unknown: exact sizes (the parent's own) first, then ffn_mult descending
+        size = -math.inf if v.ffn_mult is None else -v.ffn_mult
+    else:
+        size = 0.0
+    return (part, _KIND_ORDER[v.kind], size, name)
 
 
 def variant_legend(names: Iterable[str], dims: dict[str, Any] | None,
@@ -230,30 +251,31 @@ def variant_legend(names: Iterable[str], dims: dict[str, Any] | None,
     ``short`` is the code as the architecture plot prints it (``g4``, ``m0.5``, ``i160``); ``meaning``
     spells it out with this parent's sizes where ``dims`` (hidden_size, num_attention_heads) is known;
     ``brief`` is the few words the plot's legend shows; ``parent`` marks the parent's own variants."""
-    from puzzle.model.variants import ffn_intermediate_size, vllm_intermediate_size
+    from puzzle.model.variants import vllm_intermediate_size
 
     hidden = (dims or {}).get("hidden_size")
     heads = (dims or {}).get("num_attention_heads")
     parent_names = {b[p] for b in parent_blocks or [] for p in ("attention", "ffn")}
-    parent_width = next((int(n[5:]) for n in parent_names if re.fullmatch(r"ffn_i\d+", n)), None)
+    parent_ffn = [v for v in (_parse_variant(n, hidden) for n in parent_names if n.startswith("ffn_"))
+                  if v is not None and v.kind == "swiglu" and v.ffn_mult is None]
+    parent_width = parent_ffn[0].intermediate_size if len(parent_ffn) == 1 else None
     out = []
-    for name in sorted(set(names), key=_code_order):
-        m = _CODE.match(name)
+    for name in sorted(set(names), key=lambda n: _code_order(n, hidden)):
+        v = _parse_variant(name, hidden)
         short = name.removeprefix("attn_").removeprefix("ffn_")
         sub = "attention" if name.startswith("attn_") else "FFN"
         own = name in parent_names
-        if m is None:
+        if v is None:
             meaning, brief = "not a variant code of this project's grammar", name
-        elif m.group(2):
-            g = int(m.group(2))
-            kv = f"{heads}/{g} = {heads // g} KV heads" if heads else f"heads/{g} KV heads"
+        elif v.kind == "gqa":
+            g = v.n_heads_in_group
             meaning = (f"GQA attention with {g} query head{'s' if g > 1 else ''} per KV head, i.e. num_kv = "
-                       f"heads/{g} = {kv}")
+                       f"heads/{g}" + (f" = {heads}/{g} = {heads // g} KV heads" if heads else ""))
             brief = f"GQA, {heads // g} KV heads" if heads else f"GQA, heads/{g} KV"
-        elif m.group(3):
-            mult = float(m.group(3))
+        elif v.kind == "swiglu" and v.ffn_mult is not None:
+            mult = v.ffn_mult
             if hidden:
-                coarse, width = vllm_intermediate_size(mult, hidden), ffn_intermediate_size(mult, hidden)
+                coarse, width = vllm_intermediate_size(mult, hidden), v.intermediate_size
                 meaning = (f"SwiGLU FFN of intermediate round_up(int(2*{mult:g}*hidden/3), 256) = "
                            f"round_up(int(2*{mult:g}*{hidden}/3), 256) = {coarse}")
                 if width != coarse:
@@ -265,10 +287,10 @@ def variant_legend(names: Iterable[str], dims: dict[str, Any] | None,
             else:
                 meaning = f"SwiGLU FFN of intermediate round_up(int(2*{mult:g}*hidden/3), 256)"
                 brief = f"SwiGLU, ffn_mult {mult:g}"
-        elif m.group(4):
-            meaning = f"SwiGLU FFN of intermediate exactly {m.group(4)}"
-            brief = f"SwiGLU, width {m.group(4)}"
-        elif m.group(5):
+        elif v.kind == "swiglu":
+            meaning = f"SwiGLU FFN of intermediate exactly {v.intermediate_size}"
+            brief = f"SwiGLU, width {v.intermediate_size}"
+        elif v.kind == "linear":
             meaning = f"{sub} replaced by one hidden-to-hidden linear map" + (
                 " (no mixing across positions)" if sub == "attention" else "")
             brief = "linear map"
@@ -887,7 +909,9 @@ def fig_architectures(report: dict[str, Any]):
     from matplotlib.patches import Patch
 
     nums = model_numbers(report)
-    names = sorted({b[p] for m in models for b in m["block_configs"] for p in ("attention", "ffn")}, key=_code_order)
+    hidden = (report.get("parent_dims") or {}).get("hidden_size")
+    names = sorted({b[p] for m in models for b in m["block_configs"] for p in ("attention", "ffn")},
+                   key=lambda n: _code_order(n, hidden))
     index = {n: i for i, n in enumerate(names)}
     rows, labels = [], []
     for m in models:
@@ -925,7 +949,8 @@ def fig_bld(report: dict[str, Any]):
     if not bld:
         return None
     plt = _plt()
-    variants = sorted({b["variant"] for b in bld}, key=_code_order)
+    hidden = (report.get("parent_dims") or {}).get("hidden_size")
+    variants = sorted({b["variant"] for b in bld}, key=lambda n: _code_order(n, hidden))
     cols = min(4, len(variants))
     rows = -(-len(variants) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.6 * rows), squeeze=False)
