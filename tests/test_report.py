@@ -539,6 +539,9 @@ def test_plot_labels_are_present_readable_and_do_not_overlap(synthetic):
                       "ICL exact match, Random on scan:template"]
     assert {t for t, _ in _text_boxes(fig)} == {str(i) for i in range(1, len(ids) + 1)}
     legend = _legend_texts(fig_architectures(rep))
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
     assert "g2 = attn_g2: GQA, 4 KV heads (parent)" in legend and "i160 = ffn_i160: SwiGLU, width 160 (parent)" in legend
 
 
