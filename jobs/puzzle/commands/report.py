@@ -1,8 +1,11 @@
-"""``puzzle report RUN_URI [--open] [--json]``: a run's results as a table, or its HTML report.
+"""``puzzle report RUN_URI [--open] [--json]``: a run's results as text, or its HTML report.
 
 Reads ``report.json`` (written by the report step); a run whose report step has not run yet gets a
-report built on the spot from whatever has been evaluated so far (not written to the store).
-``--open`` opens ``report.html`` in the browser (downloaded first when the run is in S3).
+report built on the spot from whatever has been evaluated so far (not written to the store). The text
+is :func:`puzzle.report.summary_table`, the same ``puzzle run`` prints at its end: the targets of solve
+met or missed, one row per model, the baselines compared at equal measured speed, the ICL sentences and
+the legend of variant codes, in at most 110 columns. ``--open`` opens ``report.html`` in the browser
+(downloaded first when the run is in S3); ``--json`` prints report.json.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from puzzle.errors import UserError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("report", help="print a run's results table or open its HTML report")
+    p = sub.add_parser("report", help="print a run's results (targets, table, comparisons) or open its HTML report")
     p.add_argument("run", metavar="RUN_URI", help="the run's root: file://... or s3://BUCKET/PREFIX/RUN_ID")
     p.add_argument("--open", action="store_true", help="open report.html in a browser")
     p.add_argument("--json", action="store_true", help="print report.json")
