@@ -159,6 +159,59 @@ def test_share_and_rank_batches_cover_every_item_once():
     assert per_rank[1][-1][1] is False
 
 
+def _llama8b_plan(tmp_path: Path, gpus: int) -> dict:
+    """The dry-run plan's rows of a Llama-3.1-8B-shaped parent with GKD on, at ``gpus`` GPUs a pod."""
+    from puzzle.config import parse_config
+    from puzzle.planning import format_plan, preflight
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 5e5,
+           "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    config = parse_config({
+        "name": "p", "parent": {"uri": str(tmp_path), "dtype": "bfloat16"},
+        "data": {"distillation_uri": "x.txt", "validation_uri": "y.txt", "seq_len": 1024},
+        "profile": {"scenarios": [{"name": "gpu", "batch_size": 8, "input_len": 128, "output_len": 128,
+                                   "dtype": "bfloat16", "device": "cuda"}]},
+        "assemble": {"gkd": {"enabled": True, "tokens": 10**8, "batch_size": 8}},
+        "eval": {"task_examples": 0, "measure_throughput": False},
+        "compute": {"gpu_memory_gib": 141, "gpus_per_pod": gpus},
+    })
+    checked = preflight(config)
+    assert checked is not None
+    return {"rows": {r["step"]: r for r in checked.cost["steps"]}, "text": format_plan(checked.cost)}
+
+
+def test_the_plan_gives_memory_per_gpu_and_time_of_the_sharded_steps(tmp_path):
+    one, two = _llama8b_plan(tmp_path, 1), _llama8b_plan(tmp_path, 2)
+    a1, a2 = one["rows"]["assemble"], two["rows"]["assemble"]
+    assert (a1["gpus_per_unit"], a2["gpus_per_unit"]) == (1, 2)
+    # FSDP2 halves the states and the batch per GPU; the gathered unit and the overhead do not shrink
+    assert 0.5 * a1["memory_gib_per_unit"] < a2["memory_gib_per_unit"] < 0.6 * a1["memory_gib_per_unit"]
+    assert a2["hours_per_unit"] == pytest.approx(a1["hours_per_unit"] / 2, rel=0.05)
+    assert a2["gpu_hours"] == pytest.approx(a1["gpu_hours"], rel=0.05), "GPU hours count both GPUs"
+    s1, s2 = one["rows"]["score"], two["rows"]["score"]
+    assert s2["memory_gib_per_unit"] == s1["memory_gib_per_unit"] and s2["gpus_per_unit"] == 2
+    assert s2["hours_per_unit"] == pytest.approx(s1["hours_per_unit"] / 2)
+    e1, e2 = one["rows"]["evaluate"], two["rows"]["evaluate"]
+    assert e2["gpus_per_unit"] == 2 and e2["memory_gib_per_unit"] < e1["memory_gib_per_unit"]
+    for step in ("prepare", "bld", "profile", "solve"):
+        assert two["rows"][step]["gpus_per_unit"] == 1
+    assert "GiB/GPU" in two["text"] and "sharded over 2 GPUs" in two["text"]
+    assert "1 x 141 GiB" in one["text"] and "2 x 141 GiB" in two["text"]
+
+
+def test_gpus_per_pod_is_checked():
+    from puzzle.config import ComputeConfig, ConfigError, parse_config
+
+    assert ComputeConfig().gpus_per_pod == 1
+    with pytest.raises(ConfigError, match="gpus_per_pod"):
+        parse_config({"name": "p", "parent": {"uri": "x"}, "data": {"distillation_uri": "x", "validation_uri": "y"},
+                      "profile": {"scenarios": [{"name": "c", "batch_size": 1, "input_len": 8, "output_len": 8}]},
+                      "compute": {"gpus_per_pod": 0}})
+
+
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
     """(one-process figures, the sharded worker's output folder)."""
@@ -192,6 +245,7 @@ def _close(a: dict, b: dict, atol: float) -> None:
         assert torch.allclose(v, b[k], rtol=1e-5, atol=atol), (k, (v - b[k]).abs().max().item())
 
 
+@pytest.mark.slow
 def test_sharded_gkd_equals_one_process(both):
     one, out = both
     figures = json.loads((out / "figures.json").read_text())
@@ -211,6 +265,7 @@ def test_sharded_gkd_equals_one_process(both):
     assert max((sharded[k] - init[k]).abs().max().item() for k in init) > 1e-3
 
 
+@pytest.mark.slow
 def test_sharded_gkd_resumes_after_a_kill(both):
     one, out = both
     figures = json.loads((out / "figures.json").read_text())
@@ -221,6 +276,7 @@ def test_sharded_gkd_resumes_after_a_kill(both):
     assert not (out / "ckpt-killed" / "state.json").exists(), "a finished run removes its checkpoint"
 
 
+@pytest.mark.slow
 def test_sharded_compare_to_parent_equals_one_process(both):
     one, out = both
     q2 = json.loads((out / "figures.json").read_text())["quality"]
@@ -229,6 +285,7 @@ def test_sharded_compare_to_parent_equals_one_process(both):
         assert q2[k] == pytest.approx(one["quality"][k], rel=1e-6), k
 
 
+@pytest.mark.slow
 def test_sharded_steps_equal_one_process(both):
     one, out = both
     s1 = open_store(one["run"])
