@@ -115,7 +115,8 @@ def steps(run: str) -> None:
 def make_steps_run(root: Path) -> str:
     from test_assemble import make_run
 
-    return make_run(root, gkd=True, gkd_tokens=4 * 32 * 4)  # 4 GKD steps of 4 sequences
+    # 4 GKD steps of 4 sequences; score: 16 sequences in 6 batches of 3, evaluate: 8 in 3 (one rank repeats one)
+    return make_run(root, gkd=True, gkd_tokens=4 * 32 * 4, extra="score: {tokens: 512, batch_size: 3}")
 
 
 # ----- the worker (python -m torch.distributed.run --nproc-per-node 2 tests/test_distributed.py OUT) ----------

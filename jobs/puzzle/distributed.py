@@ -4,8 +4,8 @@ A step that needs several GPUs (GKD in ``assemble``, ``score``, ``evaluate``) ru
 ``torch.distributed.run`` (``puzzle step NAME --nproc-per-node N``), which set ``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. We write no distributed engine of our own: models
 are sharded by PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``: one group per attention and
-FFN module, as torchtitan has one per decoder layer, see :func:`decoder_units`; the root for the rest), whole state dicts move with
-``torch.distributed.checkpoint.state_dict``. Every function here is a no-op (or the identity) at world
+per FFN module where torchtitan has one per decoder layer, see :func:`decoder_units`; the root holds
+the rest) and whole state dicts move with ``torch.distributed.checkpoint.state_dict``. Every function here is a no-op (or the identity) at world
 size 1, so one GPU (or a CPU) stays the default and runs the same code.
 
 Rules the steps keep:
@@ -20,9 +20,10 @@ Rules the steps keep:
   generation, writing).
 
 On CUDA the backend is NCCL and ``LOCAL_RANK`` picks the device; on CPU it is gloo (how the tests run
-two processes). FSDP2 on CPU needs no special path in torch >= 2.4 (reduce-scatter falls back on gloo);
-mixed precision (bf16 all-gathers of fp32 weights) is used only on CUDA, where the step trains under
-bf16 autocast anyway. Use::
+two processes: FSDP2, its gradient averaging, DTensor clipping and the state-dict functions all run on
+CPU with gloo as they are, checked with torch 2.13). Mixed precision (bf16 all-gathers of fp32 weights,
+fp32 gradient reduction) is used only on CUDA, where the step trains under bf16 autocast anyway; on
+CPU everything stays fp32, so the tests compare sharded and one-process runs at fp32 rounding. Use::
 
     dist.init()                                   # from the torchrun environment; idempotent
     model = dist.distribute(full_on_rank0, lambda: DeciLMForCausalLM(cfg), device)
@@ -44,8 +45,8 @@ from torch import nn
 
 T = TypeVar("T")
 
-#: How long a rank waits in a collective for the others (rank 0 reading a 140 GB parent alone, say).
-TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("PUZZLE_DIST_TIMEOUT_MIN", "60")))
+#: How long a rank waits in a collective for the others (while rank 0 reads a 140 GB parent alone, say).
+TIMEOUT = datetime.timedelta(minutes=60)
 
 
 # ----- the process group --------------------------------------------------------------------------------
