@@ -11,6 +11,7 @@ tens of seconds of imports on a small machine):
   matters) with a clipping threshold every step hits (the norm must be the global one); a sharded run
   killed after its step-2 checkpoint resumes to the uninterrupted weights; a one-process checkpoint
   resumes on two ranks; ``compare_to_parent`` on 5 batches (one rank runs an uncounted repeat);
+- bad input met by rank 0 alone (``from_main``) raises the same error on both ranks;
 - ``steps``: ``assemble`` (with GKD), every ``score`` unit and ``evaluate`` through ``run_step``, in a
   second run built exactly like the one-process run.
 """
@@ -119,6 +120,20 @@ def make_steps_run(root: Path) -> str:
     return make_run(root, gkd=True, gkd_tokens=4 * 32 * 4, extra="score: {tokens: 512, batch_size: 3}")
 
 
+def _error_on_every_rank() -> str:
+    """What each rank sees when rank 0 alone meets bad input in ``from_main``."""
+    from puzzle.errors import UnitError
+
+    def bad() -> None:
+        raise UnitError("layers: [3, 1] is not allowed")
+
+    try:
+        dist.from_main(bad)
+    except UnitError as err:
+        return f"{type(err).__name__}: {err}"
+    return "no error"
+
+
 # ----- the worker (python -m torch.distributed.run --nproc-per-node 2 tests/test_distributed.py OUT) ----------
 def worker(out: Path) -> None:
     dist.init()
@@ -134,13 +149,14 @@ def worker(out: Path) -> None:
     # the one-process side left its checkpoint of step 2 here: two ranks resume it
     crossed, sd_crossed = run_gkd(parent_dir, out / "ckpt-one")
     q = quality(parent_dir)
+    errors = dist.gather_object(_error_on_every_rank())
     steps(json.loads((out / "steps-run.json").read_text()))
     if dist.is_main():
         for name, state in (("sharded", sd), ("resumed", sd_resumed), ("crossed", sd_crossed)):
             save_file({k: v.contiguous() for k, v in state.items()}, out / f"{name}.safetensors")
         (out / "figures.json").write_text(json.dumps({
             "curve": result.curve, "initial_kl": result.initial_kl, "final_kl": result.final_kl,
-            "resumed_curve": resumed.curve, "crossed_curve": crossed.curve, "quality": q}))
+            "resumed_curve": resumed.curve, "crossed_curve": crossed.curve, "quality": q, "errors": errors}))
     dist.barrier()
     dist.destroy()
 
@@ -275,6 +291,13 @@ def test_sharded_gkd_resumes_after_a_kill(both):
         assert [p["step"] for p in figures[f"{name}_curve"]] == [p["step"] for p in one["result"].curve]
         assert figures[f"{name}_curve"][-1]["loss"] == pytest.approx(one["result"].curve[-1]["loss"], rel=1e-5)
     assert not (out / "ckpt-killed" / "state.json").exists(), "a finished run removes its checkpoint"
+
+
+@pytest.mark.slow
+def test_bad_input_on_rank_0_fails_every_rank_alike(both):
+    _, out = both
+    errors = json.loads((out / "figures.json").read_text())["errors"]
+    assert errors == ["UnitError: layers: [3, 1] is not allowed"] * 2
 
 
 @pytest.mark.slow
