@@ -19,9 +19,9 @@ PKG = Path(__file__).resolve().parents[1] / "jobs" / "puzzle"
 
 #: Floors, ground first. A module may import its own floor and the floors below it, never one above.
 FLOORS = [
-    ("errors", "layout", "serving", "config"),
+    ("errors", "layout", "serving", "config", "distributed"),
     ("store", "model", "data", "generation", "training", "metrics", "export"),
-    ("run", "library", "planning", "profiling", "icl", "distill", "evaluation", "distributed", "launch",
+    ("run", "library", "planning", "profiling", "icl", "distill", "evaluation", "launch",
      "report", "solver", "tiny_parent"),
     ("context", "steps"),
     ("pipeline", "argo", "local", "k8s", "cluster"),

@@ -316,6 +316,9 @@ class ComputeConfig(_Strict):
                           "units (stages), more when a stage would not fit compute.gpu_memory_gib.")
     gpu_memory_gib: float = Field(80.0, gt=0, description="Memory of one GPU (one pod's device; on a CPU-only "
                                   "machine, the memory a unit may use); every unit's plan fits it.")
+    gpus_per_pod: int = Field(1, ge=1, description="GPUs of one pod for assemble (GKD), score and evaluate, which "
+                              "then run as that many torchrun workers: GKD and evaluate shard the models over them "
+                              "with FSDP2, score deals its batches out; the other steps use one GPU.")
     host_memory_gib: float = Field(64.0, ge=0, description="Host RAM of a pod the parent's streamed layers may "
                                    "be cached in (pinned), so later batches read no file.")
     peak_tflops: float = Field(989.0, gt=0, description="Dense bf16 TFLOP/s of one GPU, for the GPU-time estimates.")

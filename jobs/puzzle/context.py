@@ -131,15 +131,21 @@ def run_step(
     spec = pipeline.step(step)
     key = done_key(step, str(unit["id"]))
     module = importlib.import_module(f"puzzle.steps.{step}")
+    from puzzle import distributed as dist  # torch: only once a step runs, not for every CLI command
+
+    dist.init()  # a torchrun worker (puzzle step --nproc-per-node N) joins its group; nothing otherwise
     if run.store.exists(key) and not force:
         log.info("%s/%s already complete in %s; skipping", step, unit["id"], run_uri)
-        write_outputs(spec, run, outputs_dir)
+        if dist.is_main():
+            write_outputs(spec, run, outputs_dir)
         return False
     ctx = _context(step, run, unit, outputs_dir)
     started = time.time()
     try:
         with recording() as written:
             module.run(ctx)
+        if not dist.is_main():  # a torchrun worker of a sharded step: rank 0 alone writes (puzzle.distributed)
+            return True
         seconds = time.time() - started
         ctx.metrics.set("step_seconds", seconds, help="Wall-clock seconds of the step unit")
         ctx.metrics.set("step_success", 1, help="1 when the step unit completed")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from puzzle import distributed as dist
 from puzzle.config import ConfigError, ICLEvalConfig, ProfileConfig, Scenario
 from puzzle.data.tasks import evaluate_exact_match, scan_task_examples
 from puzzle.generation import DeciTextGenerator, TextGenerator
@@ -38,23 +39,32 @@ def compare_to_parent(
     """KL(parent || model) per token and perplexities of both on ``seqs``.
 
     ``parent=None`` evaluates the parent itself: kl is 0 by definition and only one forward runs.
+    Sharded over the ranks of a torchrun step (FSDP2 models, :mod:`puzzle.distributed`), each rank runs
+    its round-robin share of the one-process batches and the sums are added over ranks, so the figures
+    equal one process's (the same batches, summed in another order); every rank gets them.
     """
     if len(seqs) == 0:
         raise ValueError("seqs: no held-out sequences to evaluate on")
     dev = next(model.parameters()).device
     kl = nll = parent_nll = 0.0
     tokens = predicted = 0
-    for s in range(0, len(seqs), batch_size):
-        ids = seqs[s : s + batch_size].to(dev)  # (B, T)
+    for span, counted in dist.rank_batches(len(seqs), batch_size):
+        ids = seqs[span].to(dev)  # (B, T)
         targets = ids[:, 1:].flatten()
         lm = F.log_softmax(model(ids).float(), dim=-1)  # (B, T, V)
-        nll += F.nll_loss(lm[:, :-1].flatten(0, 1), targets, reduction="sum").item()
+        # a sharded forward is a collective: a rank short of a batch runs one uncounted
+        nll_b = F.nll_loss(lm[:, :-1].flatten(0, 1), targets, reduction="sum").item()
+        kl_b = parent_nll_b = 0.0
         if parent is not None:
             lp = F.log_softmax(parent(ids).float(), dim=-1)
-            kl += F.kl_div(lm, lp, log_target=True, reduction="sum").item()
-            parent_nll += F.nll_loss(lp[:, :-1].flatten(0, 1), targets, reduction="sum").item()
-        tokens += ids.numel()
-        predicted += targets.numel()
+            kl_b = F.kl_div(lm, lp, log_target=True, reduction="sum").item()
+            parent_nll_b = F.nll_loss(lp[:, :-1].flatten(0, 1), targets, reduction="sum").item()
+        if counted:
+            nll, kl, parent_nll = nll + nll_b, kl + kl_b, parent_nll + parent_nll_b
+            tokens += ids.numel()
+            predicted += targets.numel()
+    kl, nll, parent_nll, tokens_f, predicted_f = dist.all_reduce_sum([kl, nll, parent_nll, tokens, predicted])
+    tokens, predicted = round(tokens_f), round(predicted_f)
     lm_loss = nll / predicted
     parent_loss = parent_nll / predicted if parent is not None else lm_loss
     return {

@@ -17,6 +17,15 @@ bytes a parameter) and one block's gradients at a time; the parent's layers and 
 layer come on top. Every figure is an estimate and says so; ``bench_bld.py --plan`` checks it against
 measured step times.
 
+**Several GPUs a pod** (``compute.gpus_per_pod`` = G > 1; :mod:`puzzle.distributed`). assemble's GKD and
+evaluate's forwards shard the models with FSDP2: each GPU holds 1/G of the weights (and of the child's
+gradients and AdamW moments), 1/G of the batch's activations, and the largest FSDP unit (one attention
+or FFN module, the embedding or the head) gathered whole, twice (the one running and the next); time is
+the FLOPs over G GPUs or, when slower, the all-gathers and reduce-scatters over
+:data:`INTERCONNECT_GBPS` (FSDP overlaps the two). evaluate's generation, throughput and lm-eval run on
+GPU 0 with whole models, so its peak is that when they are on. score deals its batches out: memory per
+GPU as one GPU, time over G. GPU hours count every GPU of a pod (G x wall time).
+
 ``puzzle run --dry-run`` prints :func:`format_plan`; ``prepare`` writes the same dict to
 ``plan/cost.json``.
 """
@@ -39,6 +48,9 @@ OVERHEAD_BYTES = 2 * GiB
 FILL = 0.9
 _TRAIN_STATE_BYTES = 12  # fp32 weights + AdamW exp_avg + exp_avg_sq
 _GRAD_BYTES = 4
+#: Per-GPU bandwidth (GB/s) FSDP2's all-gathers and reduce-scatters reach between the GPUs of one pod
+#: (NVLink on H100/H200 nodes; PCIe-only nodes reach a tenth of it): an assumption of the estimates.
+INTERCONNECT_GBPS = 200.0
 
 
 # ----- counts ---------------------------------------------------------------------------------------------
@@ -271,9 +283,11 @@ class StepCost:
     step: str
     units: int
     gpu: bool
-    memory_gib_per_unit: float
-    gpu_hours: float  # summed over units (0 for CPU steps)
+    memory_gib_per_unit: float  # peak on each GPU of a unit
+    gpu_hours: float  # summed over units and over the GPUs of each (0 for CPU steps)
     note: str = ""
+    gpus_per_unit: int = 1
+    hours_per_unit: float = 0.0  # wall-clock hours of one unit
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,6 +314,22 @@ def bld_seconds(p: StagePlan, config: PuzzleConfig) -> float:
     return steps * bld_step_seconds(p, config) + extra
 
 
+def largest_shard_unit_params(cfg: ModelConfig, names: Sequence[str] = ()) -> int:
+    """Parameters of the largest FSDP2 unit (:func:`puzzle.distributed.decoder_units`): one attention or
+    FFN module of the parent or of a library variant, the embedding or the head."""
+    sizes = [cfg.vocab_size * cfg.hidden_size]
+    for b in cfg.block_configs:
+        sizes += [_variant_params(b.attention, cfg), _variant_params(b.ffn, cfg)]
+    for name in names:
+        sizes += [_variant_params(v, cfg) for v in parse_name(name, cfg.hidden_size)]
+    return max(sizes)
+
+
+def _comm_seconds(nbytes: float, gpus: int) -> float:
+    """All-gather or reduce-scatter of ``nbytes`` over ``gpus`` ranks: each sends/receives (G-1)/G of it."""
+    return nbytes * (gpus - 1) / gpus / (INTERCONNECT_GBPS * 1e9) if gpus > 1 else 0.0
+
+
 def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], ffn: Sequence[str],
               stages: Sequence[StagePlan] | None = None) -> dict[str, Any]:
     """Per step: units, peak memory per unit and estimated GPU hours (see the module docstring)."""
@@ -317,7 +347,7 @@ def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], 
     bld_hours = sum(bld_seconds(p, config) for p in stages) / 3600
     rows.append(StepCost("bld", len(stages), True, max((p.memory_bytes for p in stages), default=0) / GiB,
                          bld_hours, f"{sum(p.streamed_layers > 0 for p in stages)} of {len(stages)} units stream "
-                         "parent layers"))
+                         "parent layers", 1, max((bld_seconds(p, config) for p in stages), default=0.0) / 3600))
 
     from puzzle.profiling.roofline import estimate_costs
 
@@ -342,9 +372,22 @@ def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], 
     units = math.ceil(n / per)
     # every candidate runs the suffix after its layer: on average half the model, plus the LM head
     score_flops = config.score.tokens * n * n_candidates * (fwd_per_token / 2)
-    score_mem = parent_bytes + seq * config.score.batch_size * (n_candidates * per + 4) * cfg.hidden_size * 2 \
-        + seq * config.score.batch_size * cfg.vocab_size * 4 * 2 + OVERHEAD_BYTES
-    rows.append(StepCost("score", units, True, score_mem / GiB, _seconds(score_flops, config) / 3600))
+    score_act = seq * config.score.batch_size * (n_candidates * per + 4) * cfg.hidden_size * 2 \
+        + seq * config.score.batch_size * cfg.vocab_size * 4 * 2
+    # the parent's layers stay resident as far as they fit beside the rest; the others stream, two at a time
+    layer_sizes = [parent_layer_bytes(cfg, i, dtype) for i in range(n)]
+    room = max(0.0, config.compute.gpu_memory_gib * GiB * FILL - OVERHEAD_BYTES - score_act - non_block_bytes(cfg, dtype))
+    streamed = 0 if sum(layer_sizes) <= room else sum(layer_sizes) - max(0.0, room - 2 * max(layer_sizes))
+    score_mem = non_block_bytes(cfg, dtype) + (sum(layer_sizes) if not streamed else room) + score_act + OVERHEAD_BYTES
+    G = config.compute.gpus_per_pod
+    batches = math.ceil(min(config.score.tokens, config.data.validation_tokens) / (config.score.batch_size * seq))
+    stream_s = batches * streamed / (config.compute.host_to_device_gbps * 1e9)
+    # one unit's batches dealt over its G GPUs, each streaming the parent for its own batches
+    score_s = max(_seconds(score_flops, config) / units, stream_s) / G
+    rows.append(StepCost("score", units, True, score_mem / GiB, units * G * score_s / 3600,
+                         ", ".join(x for x in ((f"batches dealt over {G} GPUs a unit" if G > 1 else ""),
+                                               ("streams parent layers" if streamed else "")) if x), G,
+                         score_s / 3600))
     rows.append(StepCost("solve", 1, False, 0.0, 0.0,
                          f"CPU: at most {config.solve.time_limit_s:.0f} s per solve"))
 
@@ -352,19 +395,48 @@ def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], 
     n_children = config.solve.num_solutions + 1 + (4 if config.eval.baselines else 0)
     gkd = config.assemble.gkd
     student = parent.params  # an upper bound: the child is never larger than the parent here
+    db = dtype_bytes(dtype)
+    # FSDP2 gathers bf16 copies of fp32 weights on CUDA (mixed precision) and reduces gradients in fp32
+    gather_b = 2 if dtype == "float32" else db
+    reduce_b = 4 if dtype == "float32" else db
+    largest = largest_shard_unit_params(cfg) * (2 * gather_b + 4) if G > 1 else 0
     if gkd.enabled:
         gkd_flops = gkd.tokens * (fwd_per_token + 3 * fwd_per_token)
-        gkd_mem = parent_bytes + student * 16 + gkd.batch_size * seq * (cfg.vocab_size * 4 * 3 +
-                                                                         cfg.hidden_size * 2 * 12 * n) + OVERHEAD_BYTES
+        per_seq = seq * (cfg.vocab_size * 4 * 3 + cfg.hidden_size * 2 * 12 * n)
+        # weights, gradients and AdamW's two moments in the child's dtype; the teacher's weights
+        states = parent_bytes + student * 4 * db
+        gkd_mem = states / G + math.ceil(gkd.batch_size / G) * per_seq + largest + OVERHEAD_BYTES
+        steps = math.ceil(gkd.tokens / (gkd.batch_size * seq))
+        # per step: the teacher gathered once, the child twice (forward, backward), its gradients reduced
+        comm = steps * (_comm_seconds(parent.params * gather_b, G) + _comm_seconds(2 * student * gather_b, G)
+                        + _comm_seconds(student * reduce_b, G))
+        gkd_s = max(_seconds(gkd_flops, config) / G, comm)
+        note = "GKD on" + (f", sharded over {G} GPUs (FSDP2); rank 0 holds the whole child on the host"
+                           if G > 1 else "")
     else:
-        gkd_flops, gkd_mem = 0.0, 2 * parent_bytes + OVERHEAD_BYTES
-    rows.append(StepCost("assemble", n_children, True, gkd_mem / GiB,
-                         n_children * _seconds(gkd_flops, config) / 3600,
-                         "GKD on" if gkd.enabled else "no GKD: stitching only"))
+        gkd_mem, gkd_s, note = 2 * parent_bytes + OVERHEAD_BYTES, 0.0, "no GKD: stitching only"
+    rows.append(StepCost("assemble", n_children, True, gkd_mem / GiB, n_children * G * gkd_s / 3600, note,
+                         G if gkd.enabled else 1, gkd_s / 3600))
     ev_flops = config.eval.tokens * 2 * fwd_per_token
-    rows.append(StepCost("evaluate", n_children, True, (2 * parent_bytes + OVERHEAD_BYTES) / GiB,
-                         n_children * (_seconds(ev_flops, config) + 60) / 3600,
-                         "plus generation (tasks, ICL) and throughput measurement, ~1 min a child"))
+    ev = config.eval
+    if G > 1:
+        fwd_mem = 2 * parent_bytes / G + largest + OVERHEAD_BYTES
+        # generation on GPU 0 with whole models: the child, and the parent for throughput and ICL
+        whole = (2 if (ev.measure_throughput or ev.icl.enabled) else 1) * parent_bytes
+        gen_mem = whole + OVERHEAD_BYTES if (ev.task_examples > 0 or ev.measure_throughput or ev.icl.enabled
+                                            or ev.lm_eval_tasks) else 0
+        ev_mem = max(fwd_mem, gen_mem)
+        ev_s = max(_seconds(ev_flops, config) / G,
+                   math.ceil(ev.tokens / (config.score.batch_size * seq)) * _comm_seconds(2 * parent.params * db, G))
+        ev_note = (f"KL/perplexity sharded over {G} GPUs; generation (tasks, ICL) and throughput on GPU 0 with "
+                   "whole models" + (f" ({gen_mem / GiB:.1f} GiB, the peak)" if gen_mem > fwd_mem else "")
+                   + ", ~1 min a child")
+    else:
+        ev_mem, ev_s = 2 * parent_bytes + OVERHEAD_BYTES, _seconds(ev_flops, config)
+        ev_note = "plus generation (tasks, ICL) and throughput measurement, ~1 min a child"
+    ev_s += 60
+    rows.append(StepCost("evaluate", n_children, True, ev_mem / GiB, n_children * G * ev_s / 3600, ev_note, G,
+                         ev_s / 3600))
     rows.append(StepCost("report", 1, False, 0.0, 0.0, "CPU"))
     over = [r.step for r in rows if r.gpu and r.memory_gib_per_unit > config.compute.gpu_memory_gib]
     return {
@@ -377,8 +449,9 @@ def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], 
                        "flops_per_token": p.flops_per_token, "streamed_layers": p.streamed_layers}
                       for p in stages],
         "over_memory": over,
-        "note": "" if not over else (f"{', '.join(over)}: a unit needs more than compute.gpu_memory_gib; such "
-                                     "steps need several GPUs per pod (gpu-count) or a smaller batch"),
+        "note": "" if not over else (f"{', '.join(over)}: a unit needs more than compute.gpu_memory_gib on a GPU; "
+                                     "assemble, score and evaluate can use several GPUs a pod "
+                                     "(compute.gpus_per_pod), any step a smaller batch"),
     }
 
 
@@ -387,13 +460,15 @@ def format_plan(plan: dict[str, Any]) -> str:
     p = plan["parent"]
     c = plan["compute"]
     head = (f"plan (estimates): parent {p['layers']} layers, {p['params'] / 1e9:.3g}B parameters in {p['dtype']}; "
-            f"{c['gpu_pods']} GPU pod(s) of {c['gpu_memory_gib']:g} GiB at {c['peak_tflops']:g} TFLOP/s x "
-            f"{c['mfu']:g} MFU")
-    lines = [head, f"  {'step':<9} {'units':>5} {'GiB/unit':>9} {'GPU hours':>10}  note"]
+            f"{c['gpu_pods']} GPU pod(s) of {c.get('gpus_per_pod', 1)} x {c['gpu_memory_gib']:g} GiB at "
+            f"{c['peak_tflops']:g} TFLOP/s x {c['mfu']:g} MFU")
+    lines = [head, f"  {'step':<9} {'units':>5} {'GPUs':>4} {'GiB/GPU':>8} {'h/unit':>8} {'GPU hours':>10}  note"]
     for r in plan["steps"]:
+        gpus = str(r.get("gpus_per_unit", 1)) if r["gpu"] else "-"
         mem = f"{r['memory_gib_per_unit']:.2f}" if r["gpu"] else "-"
+        wall = f"{r.get('hours_per_unit', 0.0):.3g}" if r["gpu"] and r.get("hours_per_unit") else "-"
         hours = f"{r['gpu_hours']:.4g}" if r["gpu"] else "-"
-        lines.append(f"  {r['step']:<9} {r['units']:>5} {mem:>9} {hours:>10}  {r['note']}")
+        lines.append(f"  {r['step']:<9} {r['units']:>5} {gpus:>4} {mem:>8} {wall:>8} {hours:>10}  {r['note']}")
     lines.append(f"  total GPU hours: {plan['gpu_hours']:.4g}")
     if plan["note"]:
         lines.append(f"  warning: {plan['note']}")

@@ -13,6 +13,13 @@ child in global knowledge distillation (GKD) and the tiny parent. They share:
   stateful objects (torchtitan's checkpoint idea): ``state_dict()`` / ``load_state_dict()`` hold every
   part's weights and optimizer state, the step and the RNG states, so a resumed run ends with the same
   weights as an uninterrupted one.
+- ``Trainer(..., sharded=True)`` (GKD): the parts are FSDP2-sharded over the ranks of a torchrun step
+  (:mod:`puzzle.distributed`; plain modules at world size 1, the same code). Each rank's loss is its
+  share of the batch, scaled so that the mean over ranks is the batch's loss; FSDP2 averages the
+  gradients over ranks, so they equal one process's; clipping measures the norm over the sharded
+  gradients (DTensors) as a whole; the recorded losses are the mean over ranks; ``state_dict()`` is the
+  full state gathered to rank 0 with parameter names as keys (the same at any world size, so a
+  checkpoint of N ranks resumes on M) and ``load_state_dict()`` spreads rank 0's back to the shards.
 - :func:`save_checkpoint` / :func:`load_checkpoint`: that state in a store, as one safetensors blob of
   tensors plus a JSON tree (no pickle), written tensors first and ``state.json`` last.
 
@@ -38,6 +45,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 from tqdm import tqdm
+
+from puzzle import distributed as dist
 
 #: Steps left out of the tokens/s figure (kernel selection, allocator growth).
 TIMING_WARMUP_STEPS = 2
@@ -109,9 +118,14 @@ class Part:
     #: (step, loss) pairs, synced
     curve: list[list[float]] = field(default_factory=list)
 
-    def flush(self) -> None:
+    def flush(self, mean_over_ranks: bool = False) -> None:
+        """Sync pending losses to ``curve``; ``mean_over_ranks``: each rank's share averaged (a collective:
+        every rank flushes at the same steps)."""
         if self.pending:
-            vals = torch.stack([v for _, v in self.pending]).tolist()
+            vals_t = torch.stack([v.float() for _, v in self.pending])
+            if mean_over_ranks and dist.world() > 1:
+                vals_t = dist.all_reduce_sum(vals_t) / dist.world()
+            vals = vals_t.tolist()
             self.curve.extend([float(s), float(v)] for (s, _), v in zip(self.pending, vals, strict=True))
             self.pending.clear()
 
@@ -131,8 +145,10 @@ class Trainer:
     """The training loop over named parts (see the module docstring)."""
 
     def __init__(self, parts: Mapping[str, Part], schedule: Schedule, device: torch.device | str,
-                 autocast: bool | None = None, tokens_per_step: int = 0) -> None:
+                 autocast: bool | None = None, tokens_per_step: int = 0, sharded: bool = False) -> None:
         self.parts = dict(parts)
+        #: parts FSDP2-sharded over the ranks (see the module docstring)
+        self.sharded = sharded
         self.schedule = schedule
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -165,7 +181,7 @@ class Trainer:
         pairs; each is stepped as it comes. ``on_step(steps_done)`` runs after every step (checkpoints)."""
         self.step = start_step
         bar = tqdm(total=end_step, initial=start_step, desc=desc, unit="step", file=sys.stderr,
-                   disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=False)
+                   disable=not progress or not dist.is_main(), mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=False)
         timed_from, t0 = None, time.perf_counter()
         for step in range(start_step, end_step):
             if step - start_step == TIMING_WARMUP_STEPS:
@@ -182,8 +198,7 @@ class Trainer:
         self.synchronize()
         elapsed = time.perf_counter() - t0
         bar.close()
-        for p in self.parts.values():
-            p.flush()
+        self.flush()
         ran = end_step - start_step
         timed = (end_step - timed_from) if timed_from is not None else ran
         tps = timed * self.tokens_per_step / elapsed if elapsed > 0 and timed and self.tokens_per_step else 0.0
@@ -193,10 +208,17 @@ class Trainer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
+    def flush(self) -> None:
+        for p in self.parts.values():
+            p.flush(mean_over_ranks=self.sharded)
+
     # -- state: a dict of stateful objects --
     def state_dict(self) -> dict[str, Any]:
-        for p in self.parts.values():
-            p.flush()
+        """Every part's weights and optimizer state, the step, the RNG states. Sharded: a collective;
+        rank 0 gets the full state (the other ranks' weights and optimizer entries are empty)."""
+        self.flush()
+        if self.sharded:
+            return self._full_state_dict()
         state: dict[str, Any] = {
             "step": self.step,
             "rng": {"cpu": torch.get_rng_state()},
@@ -209,7 +231,45 @@ class Trainer:
             state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def _full_state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": self.step, "rng": {"cpu": torch.get_rng_state()}, "parts": {}}
+        if self.cuda:
+            state["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        for name, p in self.parts.items():
+            msd, osd = dist.model_state(p.module, p.optimizer)
+            state["parts"][name] = {"model": msd, "optimizer": osd, "curve": p.curve}
+        return state
+
+    def _load_full_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        # what is small (step, RNG, curves, which parts) goes by pickle from rank 0; weights and
+        # optimizer state by FSDP's own broadcast, one tensor at a time
+        small = dist.broadcast_object(None if state is None else {
+            "step": state["step"], "rng": state["rng"],
+            "parts": {n: {"curve": ps["curve"], "optimizer": ps["optimizer"] is not None}
+                      for n, ps in state["parts"].items()}})
+        assert small is not None, "load_state_dict: the state is needed on rank 0"
+        missing = sorted(set(self.parts) - set(small["parts"]))
+        if missing:
+            raise ValueError(f"checkpoint lacks parts {missing[:8]}; it belongs to another unit")
+        self.step = int(small["step"])
+        torch.set_rng_state(small["rng"]["cpu"])
+        if self.cuda and "cuda" in small["rng"]:
+            torch.cuda.set_rng_state(small["rng"]["cuda"], self.device)
+        for name, p in self.parts.items():
+            ps = state["parts"][name] if state is not None and dist.is_main() else {"model": {}, "optimizer": {}}
+            with_opt = p.optimizer is not None and small["parts"][name]["optimizer"]
+            dist.load_model_state(p.module, p.optimizer if with_opt else None, ps["model"],
+                                  ps["optimizer"] if with_opt else None)
+            p.curve = [list(x) for x in small["parts"][name]["curve"]]
+            p.pending.clear()
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Inverse of :meth:`state_dict`. Sharded: a collective; ``state`` is read on rank 0 only (None
+        elsewhere)."""
+        if self.sharded:
+            self._load_full_state_dict(state)
+            return
+        assert state is not None
         missing = sorted(set(self.parts) - set(state["parts"]))
         if missing:
             raise ValueError(f"checkpoint lacks parts {missing[:8]}; it belongs to another unit")

@@ -13,7 +13,15 @@ streams after each layer line up one to one.
 
 Deterministic: the data order comes from :func:`puzzle.data.shards.batch_indices` (seed, step) and
 the parameters from the assembled weights, so two runs of one unit give the same child. The same
-budget (``assemble.gkd``) is given to the baselines. Use::
+budget (``assemble.gkd``) is given to the baselines.
+
+Sharded (``assemble`` under torchrun, :mod:`puzzle.distributed`): child and teacher are FSDP2 modules
+and every rank takes its contiguous share of each step's batch of ``batch_size`` sequences (the global
+batch stays ``batch_size``). Both loss terms are means over the batch's tokens, so a rank's share of
+``n_r`` of ``B`` sequences is scaled by ``n_r * W / B``: the mean over the W ranks, which FSDP2's
+gradient averaging takes, is then the batch's loss, and the gradients, the clipped norm, the recorded
+losses and so the weights equal one process's up to fp32 rounding (the tests hold them to 1e-6).
+Held-out KL runs the one-process batches dealt round-robin. Use::
 
     result = distill(child, parent, seqs, config.assemble.gkd, seed=config.seed, eval_seqs=held_out)
     result.curve          # [{step, loss, kl, cosine, tokens}], result.initial_kl, result.final_kl
@@ -29,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from puzzle import distributed as dist
 from puzzle.config import GKDConfig
 from puzzle.data.shards import batch_indices
 from puzzle.model import DeciLMForCausalLM
@@ -44,6 +53,9 @@ from puzzle.training import (
 )
 
 _MAX_CURVE_POINTS = 200
+#: what a checkpoint's state holds: full state dicts keyed by parameter name (Trainer(sharded=True));
+#: an older checkpoint (optimizer state keyed by position) is not resumed, the unit starts over
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -68,8 +80,8 @@ def gkd_loss(
     parent_hidden: list[torch.Tensor],  # L + 1 of (B, T, C)
     kl_weight: float,
     cosine_weight: float,
-) -> tuple[torch.Tensor, float, float]:
-    """(loss, kl per token, mean cosine distance) of one batch."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, kl per token, mean cosine distance) of one batch; the last two detached."""
     logp_child = F.log_softmax(child_logits.float(), dim=-1)  # (B, T, V)
     logp_parent = F.log_softmax(parent_logits.float(), dim=-1)
     n_tok = child_logits.shape[0] * child_logits.shape[1]
@@ -80,7 +92,7 @@ def gkd_loss(
         for hc, hp in zip(child_hidden[1:], parent_hidden[1:], strict=True)
     ]).mean()
     loss = kl_weight * kl + cosine_weight * cos
-    return loss, float(kl.detach()), float(cos.detach())
+    return loss, kl.detach(), cos.detach()
 
 
 def num_steps(cfg: GKDConfig, seq_len: int) -> int:
@@ -90,15 +102,18 @@ def num_steps(cfg: GKDConfig, seq_len: int) -> int:
 
 @torch.no_grad()
 def held_out_kl(child: DeciLMForCausalLM, parent: DeciLMForCausalLM, seqs: torch.Tensor, batch_size: int) -> float:
-    """KL(parent || child) per token on ``seqs`` (N, T)."""
+    """KL(parent || child) per token on ``seqs`` (N, T); sharded: each rank its round-robin batches."""
     dev = next(child.parameters()).device
     total, n = 0.0, 0
-    for s in range(0, len(seqs), batch_size):
-        ids = seqs[s : s + batch_size].to(dev)  # (B, T)
+    for span, counted in dist.rank_batches(len(seqs), batch_size):
+        ids = seqs[span].to(dev)  # (B, T)
         lp = F.log_softmax(parent(ids).float(), dim=-1)
         lc = F.log_softmax(child(ids).float(), dim=-1)
-        total += F.kl_div(lc, lp, log_target=True, reduction="sum").item()
-        n += ids.numel()
+        kl = F.kl_div(lc, lp, log_target=True, reduction="sum").item()
+        if counted:  # a sharded forward is a collective: a rank short of a batch runs one uncounted
+            total += kl
+            n += ids.numel()
+    total, n = dist.all_reduce_sum([total, n])
     return total / max(n, 1)
 
 
@@ -119,6 +134,10 @@ def distill(
     With ``checkpoints``, the state (weights, optimizer, step, RNG, curve) is saved every
     ``cfg.checkpoint_every`` steps and a second call resumes from it, ending with the weights an
     uninterrupted call would have produced; the checkpoint is removed when training ends.
+
+    Sharded over the ranks of a torchrun step, ``child`` and ``parent`` are FSDP2 modules
+    (:func:`puzzle.distributed.distribute`) and every rank calls this with the same arguments, except
+    ``checkpoints``: rank 0 alone reads and writes them (None on the other ranks).
     """
     if len(seqs) == 0:
         raise ValueError("seqs: no distillation sequences; GKD needs at least one")
@@ -127,6 +146,10 @@ def distill(
             f"child has {len(child.model.layers)} layers, parent {len(parent.model.layers)}; GKD aligns "
             "hidden states layer by layer and needs equal counts (no_op keeps a layer, it does not remove it)"
         )
+    W = dist.world()
+    if cfg.batch_size < W:
+        raise ValueError(f"assemble.gkd.batch_size: {cfg.batch_size} is not allowed on {W} GPUs; every GPU needs "
+                         f"a share of each batch, so it must be >= {W}")
     dev = next(child.parameters()).device
     seq_len = seqs.shape[1]
     total = num_steps(cfg, seq_len)
@@ -137,33 +160,46 @@ def distill(
     params = [p for p in child.parameters() if p.requires_grad]
     part = Part("child", child, adamw(params, cfg.lr, fused=cuda or None), cfg.grad_clip)
     trainer = Trainer({"child": part}, Schedule.from_fraction(total, cfg.lr, cfg.warmup_fraction), dev,
-                      tokens_per_step=cfg.batch_size * seq_len)
+                      tokens_per_step=cfg.batch_size * seq_len, sharded=True)
     start, initial, prior = 0, None, 0.0
     curve: list[dict[str, float]] = []
-    resumed = load_checkpoint(checkpoints) if checkpoints is not None else None
-    if resumed is not None and resumed[1].get("total_steps") == total and resumed[1].get("key") == resume_key:
-        state, meta = resumed
-        trainer.load_state_dict(state)
+    # gathering the state is a collective: every rank checkpoints when rank 0 has somewhere to write
+    checkpointing = dist.broadcast_object(checkpoints is not None)
+    resumed = load_checkpoint(checkpoints) if checkpoints is not None and dist.is_main() else None
+    usable = resumed is not None and all(resumed[1].get(k) == v for k, v in (
+        ("total_steps", total), ("key", resume_key), ("format", CHECKPOINT_FORMAT)))
+    meta = dist.broadcast_object(resumed[1] if usable and resumed is not None else None)
+    if meta is not None:
+        trainer.load_state_dict(resumed[0] if resumed is not None else None)
         start, initial, prior = trainer.step, meta.get("initial_kl"), float(meta.get("seconds", 0.0))
         curve = list(meta.get("curve") or [])
     else:
         torch.manual_seed(seed)
         initial = held_out_kl(child, parent, eval_seqs, cfg.batch_size) if eval_seqs is not None else None
+    del resumed
     every = max(1, total // _MAX_CURVE_POINTS)
     points: dict[int, dict[str, float]] = {}
     batches = batch_indices(len(seqs), cfg.batch_size, seed, start)
     started = time.time()
     child.train()
+    mine = dist.share(cfg.batch_size)  # this rank's rows of every batch
+    # the mean over this rank's share, scaled so that the mean over ranks is the batch's (module docstring)
+    weight = (mine.stop - mine.start) * W / cfg.batch_size
 
     def loss_fn(step: int):
-        ids = seqs[next(batches)].to(dev)  # (B, T)
+        ids = seqs[next(batches)][mine].to(dev)  # (B / W, T)
         with torch.no_grad(), trainer.autocast():
             p_logits, p_hidden = parent(ids, output_hidden_states=True)
         with trainer.autocast():
             c_logits, c_hidden = child(ids, output_hidden_states=True)
             loss, kl, cos = gkd_loss(c_logits, c_hidden, p_logits, p_hidden, cfg.kl_weight, cfg.cosine_weight)
-        points[step] = {"step": step + 1, "loss": float(loss.detach()), "kl": kl, "cosine": cos,
-                        "tokens": (step + 1) * ids.numel()}
+        del p_logits, p_hidden
+        loss = loss * weight
+        # one host sync per step, as before; over ranks one all-reduce of three numbers
+        figures = dist.all_reduce_sum(torch.stack([loss.detach(), kl * weight, cos * weight]).float()) / W
+        f_loss, f_kl, f_cos = figures.tolist()
+        points[step] = {"step": step + 1, "loss": f_loss, "kl": f_kl, "cosine": f_cos,
+                        "tokens": (step + 1) * cfg.batch_size * seq_len}
         yield "child", loss
 
     def after(done: int) -> None:
@@ -172,16 +208,19 @@ def distill(
             curve.append(point)
         if on_step is not None:
             on_step(done, point)
-        if checkpoints is not None and done % cfg.checkpoint_every == 0 and done < total:
-            save_checkpoint(checkpoints, trainer.state_dict(), {
-                "total_steps": total, "key": resume_key, "initial_kl": initial, "curve": curve,
-                "seconds": prior + time.time() - started})
+        if checkpointing and done % cfg.checkpoint_every == 0 and done < total:
+            state = trainer.state_dict()  # a collective: every rank, rank 0 gets the whole state
+            if checkpoints is not None and dist.is_main():
+                save_checkpoint(checkpoints, state, {
+                    "total_steps": total, "key": resume_key, "format": CHECKPOINT_FORMAT, "initial_kl": initial,
+                    "curve": curve, "seconds": prior + time.time() - started})
+            del state
 
     trainer.train(start, total, loss_fn, on_step=after, desc=desc,
                   postfix=lambda: f"loss {curve[-1]['loss']:.4f}" if curve else "")
     child.eval()
     final = held_out_kl(child, parent, eval_seqs, cfg.batch_size) if eval_seqs is not None else None
-    if checkpoints is not None:
+    if checkpoints is not None and dist.is_main():
         clear_checkpoint(checkpoints)
     return GKDResult(steps=total, tokens=total * cfg.batch_size * seq_len, seconds=prior + time.time() - started,
                      initial_kl=initial, final_kl=final, curve=curve)

@@ -25,8 +25,10 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
+from puzzle import distributed as dist
 from puzzle import serving as serving_rules
 from puzzle.context import StepContext
 from puzzle.data.shards import load_tokens, sequences
@@ -38,9 +40,11 @@ from puzzle.model import (
     BlockConfig,
     DeciLMForCausalLM,
     FFNVariant,
+    ModelConfig,
     attention_variant_from_name,
     ffn_variant_from_name,
     load_parent,
+    parent_config,
     save_pretrained,
 )
 from puzzle.model.io import torch_dtype
@@ -110,38 +114,60 @@ def run(ctx: StepContext) -> None:
         log.info("%s already complete", prefix)  # killed after complete.json, before the done marker
         return
     started = time.time()
-    device = ctx.device()
+    dist.init()
+    main, sharded = dist.is_main(), dist.world() > 1
+    device = dist.device(ctx.device())
     dtype = torch_dtype(cfg.parent.dtype)
-    parent_dir = ctx.parent_dir()
-    check_parent_unchanged(ctx.store, parent_dir)
-    child = load_parent(parent_dir, dtype=dtype, device=device)
-    n = len(child.model.layers)
-    blocks = parse_block_configs(unit.get("block_configs"), n, child.config.hidden_size)
+
+    def checked_parent_dir() -> str:
+        parent_dir = ctx.parent_dir()
+        check_parent_unchanged(ctx.store, parent_dir)
+        return str(parent_dir)
+
+    # rank 0 fetches the parent; the other ranks of the pod read its config from the same folder
+    parent_dir = Path(dist.from_main(checked_parent_dir))
+    pcfg = parent_config(parent_dir)
+    blocks = parse_block_configs(unit.get("block_configs"), pcfg.num_hidden_layers, pcfg.hidden_size)
     # Before any GKD: a child the engines of search_space.serving cannot load is refused with the rule.
     serving = cfg.search_space.serving
     broken = serving_rules.block_violations(
-        serving, [BlockConfig(a, f).to_json(child.config.hidden_size) for a, f in blocks],
-        child.config.hidden_size, int(child.config.head_dim))
+        serving, [BlockConfig(a, f).to_json(pcfg.hidden_size) for a, f in blocks],
+        pcfg.hidden_size, int(pcfg.head_dim))
     if broken and kind == "parent":
         # The parent is the reference the children are compared with, not a child to serve.
-        log.warning("the parent breaks search_space.serving %s (%s); saved without those rules",
-                    serving, serving_rules.messages(broken))
+        if main:
+            log.warning("the parent breaks search_space.serving %s (%s); saved without those rules",
+                        serving, serving_rules.messages(broken))
         serving = ["any"]
     elif broken:
         raise UnitError(f"search_space.serving: {serving} cannot load unit {ctx.unit_id}: "
                         f"{serving_rules.messages(broken)}")
+    own = pcfg.block_configs
     needs_library = any(
-        not v.no_op and v != getattr(child.model.layers[i], part)
-        for i, b in enumerate(blocks) for v, part in zip(b, ("attention_variant", "ffn_variant"), strict=True)
+        not v.no_op and v != getattr(own[i], part)
+        for i, b in enumerate(blocks) for v, part in zip(b, ("attention", "ffn"), strict=True)
     )
-    library = Library.for_run(ctx.store, ctx.config, ctx.parent_dir) if needs_library else None
-    build_child(child, blocks, library, coupled=cfg.bld.mode == "coupled")
+    library = Library.for_run(ctx.store, ctx.config, parent_dir) if needs_library and main else None
+    # Rank 0 builds the child; sharded, on the host (the whole child need not fit one GPU) for
+    # distribute() to spread over the ranks' GPUs, else on the device as it trains there.
+    build_device = "cpu" if sharded else device
+    built: dict[str, DeciLMForCausalLM] = {}
+
+    def build() -> ModelConfig:
+        built["child"] = build_child(load_parent(parent_dir, dtype=dtype, device=build_device), blocks, library,
+                                     coupled=cfg.bld.mode == "coupled")
+        return built["child"].config
+
+    child_cfg = dist.from_main(build)
+    child = built.pop("child", None)
 
     gkd: dict[str, Any] = {"enabled": False}
     if cfg.assemble.gkd.enabled and kind != "parent":
         from puzzle.distill.gkd import distill
 
-        teacher = load_parent(parent_dir, dtype=dtype, device=device)
+        child = dist.distribute(child, lambda: DeciLMForCausalLM(child_cfg), device)
+        teacher = dist.distribute(load_parent(parent_dir, dtype=dtype, device=build_device) if main else None,
+                                  lambda: DeciLMForCausalLM(pcfg), device, frozen=True)
         train = sequences(load_tokens(ctx.store, "distillation"), cfg.data.seq_len)
         held = sequences(load_tokens(ctx.store, "validation"), cfg.data.seq_len)
         held = held[: max(1, math.ceil(cfg.eval.tokens / cfg.data.seq_len))]
@@ -149,17 +175,25 @@ def run(ctx: StepContext) -> None:
         def on_step(step: int, point: dict[str, float]) -> None:
             ctx.metrics.observe("gkd_step_loss", point["loss"], help="GKD loss of each optimizer step")
 
-        result = distill(child, teacher, train, cfg.assemble.gkd, seed=cfg.seed, eval_seqs=held,
-                         on_step=on_step, desc=f"gkd {ctx.unit_id}",
-                         checkpoints=ctx.store.child(checkpoint_prefix("assemble", ctx.unit_id)),
-                         resume_key=json.dumps(unit, sort_keys=True))
+        try:
+            result = distill(child, teacher, train, cfg.assemble.gkd, seed=cfg.seed, eval_seqs=held,
+                             on_step=on_step, desc=f"gkd {ctx.unit_id}",
+                             checkpoints=ctx.store.child(checkpoint_prefix("assemble", ctx.unit_id)) if main else None,
+                             resume_key=json.dumps(unit, sort_keys=True))
+        except ValueError as err:  # a batch too small to share over the GPUs
+            raise UnitError(str(err)) from None
         del teacher
+        # the child is saved from one whole state dict, gathered on rank 0
+        child = dist.gather_model(child, lambda: DeciLMForCausalLM(child_cfg))
         gkd = {"enabled": True, **result.to_dict()}
         ctx.metrics.set("gkd_loss", result.curve[-1]["loss"], help="GKD loss at the last step")
         ctx.metrics.set("gkd_kl", result.initial_kl, help="Held-out KL(parent||child) per token", when="before")
         ctx.metrics.set("gkd_kl", result.final_kl, help="Held-out KL(parent||child) per token", when="after")
         ctx.metrics.set("gkd_steps", result.steps, help="GKD optimizer steps")
         ctx.metrics.set("gkd_seconds", result.seconds, help="Seconds of GKD training")
+    if not main:
+        return
+    assert child is not None
 
     out = ctx.scratch / "child"
     try:
@@ -175,6 +209,7 @@ def run(ctx: StepContext) -> None:
         "block_configs": [{"attention": a.name, "ffn": f.name} for a, f in blocks],
         "params": params, "gkd": gkd, "seconds": time.time() - started,
         "library": library.digest if library is not None else None, "device": str(device),
+        "world_size": dist.world(),
     })
     ctx.metrics.set("child_params", params, help="Parameters of the assembled child")
     log.info("assembled %s (%d params, %d files) in %.1fs", child_complete_key(ctx.unit_id), params,

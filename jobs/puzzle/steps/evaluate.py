@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from puzzle import distributed as dist
 from puzzle.context import StepContext
 from puzzle.data.shards import load_tokens, sequences
 from puzzle.errors import UnitError
@@ -40,7 +41,7 @@ from puzzle.evaluation import (
 from puzzle.generation import DeciTextGenerator
 from puzzle.layout import eval_report_key
 from puzzle.library import check_parent_unchanged
-from puzzle.model import load_parent, load_pretrained
+from puzzle.model import DeciLMForCausalLM, ModelConfig, load_parent, load_pretrained
 from puzzle.model.io import torch_dtype
 from puzzle.run import download_child
 from puzzle.store import open_store
@@ -53,29 +54,54 @@ def run(ctx: StepContext) -> None:
     ev = cfg.eval
     uid = ctx.unit_id
     started = time.time()
-    device = ctx.device()
+    dist.init()
+    main, sharded = dist.is_main(), dist.world() > 1
+    device = dist.device(ctx.device())
     dtype = torch_dtype(cfg.parent.dtype)
     child_dir = ctx.scratch / "child"
-    # every file checked against the sha256 its completion record lists, as fetch does
-    record = download_child(ctx.store, uid, child_dir)
-    child = load_pretrained(child_dir, dtype=dtype, device=device)
+
+    def fetch() -> tuple[dict[str, Any], str]:
+        # every file checked against the sha256 its completion record lists, as fetch does
+        record = download_child(ctx.store, uid, child_dir)
+        check_parent_unchanged(ctx.store, ctx.parent_dir())
+        return record, str(ctx.parent_dir())
+
+    record, parent_dir = dist.from_main(fetch)
     is_parent = record.get("kind") == "parent"
-    check_parent_unchanged(ctx.store, ctx.parent_dir())
-    parent = None if is_parent else load_parent(ctx.parent_dir(), dtype=dtype, device=device)
+    # Rank 0 reads each model; sharded, on the host, and distribute() spreads it over the ranks' GPUs,
+    # one model at a time so the host holds one whole model at most.
+    load_device = "cpu" if sharded else device
+    child, _, params = _distributed(lambda: load_pretrained(child_dir, dtype=dtype, device=load_device), device)
+    parent = None if is_parent else _distributed(
+        lambda: load_parent(parent_dir, dtype=dtype, device=load_device), device)[0]
 
     out: dict[str, Any] = {
         "id": uid, "kind": record.get("kind"), "block_configs": record.get("block_configs"),
-        "predicted": ctx.unit.get("predicted"), "params": sum(p.numel() for p in child.parameters()),
-        "gkd": record.get("gkd"), "device": str(device),
+        "predicted": ctx.unit.get("predicted"), "params": params,
+        "gkd": record.get("gkd"), "device": str(device), "world_size": dist.world(),
     }
 
     seqs = sequences(load_tokens(ctx.store, "validation"), cfg.data.seq_len)
     seqs = seqs[: max(1, math.ceil(ev.tokens / cfg.data.seq_len))]
+    # the full-model forwards: sharded over every rank
     out["quality"] = compare_to_parent(child, parent, seqs, batch_size=cfg.score.batch_size)
+    if sharded:
+        # Generation, throughput and lm-eval stay on rank 0 with whole models on its GPU: a decode loop
+        # under FSDP2 would need every rank in lockstep for every token, and throughput is a one-GPU
+        # figure by definition (the profile's scenarios). The shards are freed first; a model is loaded
+        # again only when a figure needs it.
+        del child, parent
+        if not main:
+            return
+        icl = ev.icl.enabled and record.get("kind") in ev.icl_models
+        generates = ev.task_examples > 0 or ev.measure_throughput or icl or bool(ev.lm_eval_tasks)
+        child = load_pretrained(child_dir, dtype=dtype, device=device) if generates else None
+        parent = None if is_parent or not (ev.measure_throughput or icl) else load_parent(
+            parent_dir, dtype=dtype, device=device)
     ctx.metrics.set("eval_kl", out["quality"]["kl"], help="KL(parent||model) per held-out token")
     ctx.metrics.set("eval_perplexity", out["quality"]["perplexity"], help="Held-out perplexity")
 
-    gen = DeciTextGenerator(child, child_dir, batch_size=ev.generation_batch_size)
+    gen = DeciTextGenerator(child, child_dir, batch_size=ev.generation_batch_size) if child is not None else None
     out["task"] = None
     if ev.task_examples > 0:
         out["task"] = task_accuracy(gen, ev.task_examples, seed=cfg.seed)
@@ -126,6 +152,19 @@ def _structure_predictor(ctx: StepContext, parent_gen: DeciTextGenerator, dtype,
             raise UnitError(f"eval.icl.predictor_uri: {uri!r} is not a Hugging Face model directory (no config.json)")
     return DeciTextGenerator(load_parent(path, dtype=dtype, device=device), path,
                              batch_size=ctx.config.eval.generation_batch_size)
+
+
+def _distributed(load, device) -> tuple[DeciLMForCausalLM, ModelConfig, int]:
+    """(the model sharded over the ranks, its config, its parameter count); ``load`` runs on rank 0."""
+    full: dict[str, DeciLMForCausalLM] = {}
+
+    def read() -> tuple[ModelConfig, int]:
+        full["m"] = load()
+        return full["m"].config, sum(p.numel() for p in full["m"].parameters())
+
+    cfg, params = dist.from_main(read)
+    model = dist.distribute(full.pop("m", None), lambda: DeciLMForCausalLM(cfg), device, frozen=True)
+    return model, cfg, params
 
 
 __all__ = ["run"]

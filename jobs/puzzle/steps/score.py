@@ -15,6 +15,13 @@ time. The unit also records how similar each layer's input and output hidden sta
 (exact match of the swapped model on the tiny task) generates with the whole parent in memory.
 
 Writes ``scores/<layer>/<variant>.json``; the parent's own variants score 0 by definition.
+
+On several GPUs of one pod (torchrun, :mod:`puzzle.distributed`) the held-out batches are dealt
+round-robin over the ranks, each rank streaming the parent on its own GPU as above, and the sums are
+added over ranks before rank 0 writes: the same batches as one process, so the same figures (summed
+in another order), in about 1/N of the time. The memory per GPU stays what one GPU needs, which
+streaming already bounds: the parent never has to fit one GPU. ``score.task_examples`` splits its
+candidates over the ranks (each generating with the whole parent, as one process does).
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from puzzle import distributed as dist
 from puzzle import layout
 from puzzle.context import StepContext
 from puzzle.data.shards import load_tokens, sequences
@@ -99,14 +108,23 @@ def _build_candidate(cfg: ModelConfig, lib: Library, layer: int, kind: str, name
 def run(ctx: StepContext) -> None:
     cfg = ctx.config
     a, b = ctx.unit.get("layers", [None, None])
-    device = ctx.device()
+    dist.init()
+    device = dist.device(ctx.device())
     dtype = torch_dtype(cfg.parent.dtype)
-    parent_dir = ctx.parent_dir()
+    # rank 0 fetches the parent (s3://, hf://); every rank of the pod streams it from that one folder
+    parent_dir = Path(dist.from_main(lambda: str(ctx.parent_dir())))
     pcfg = parent_config(parent_dir)
     n = pcfg.num_hidden_layers
     if not (isinstance(a, int) and isinstance(b, int) and not isinstance(a, bool) and 0 <= a < b <= n):
         raise UnitError(f"layers: {ctx.unit.get('layers')!r} is not allowed; need [a, b] with 0 <= a < b <= {n}")
-    lib = Library.for_run(ctx.store, ctx.config, ctx.parent_dir)
+    # rank 0 records the run's library digest when nothing has yet; the other ranks then read it
+    first: dict[str, Library] = {}
+
+    def record_library() -> None:
+        first["lib"] = Library.for_run(ctx.store, ctx.config, parent_dir)
+
+    dist.from_main(record_library)
+    lib = first.get("lib") or Library.for_run(ctx.store, ctx.config, parent_dir)
     own = {i: (bc.attention.name, bc.ffn.name) for i, bc in enumerate(pcfg.block_configs)}
 
     cands: list[Candidate] = []
@@ -126,8 +144,9 @@ def run(ctx: StepContext) -> None:
         if used + size <= budget:
             resident.append(i)
             used += size
+    # the pod's host memory is shared by its ranks' caches
     parent = ParentLayers(parent_dir, pcfg, dtype, device, resident=resident,
-                          host_cache_bytes=int(cfg.compute.host_memory_gib * 2**30))
+                          host_cache_bytes=int(cfg.compute.host_memory_gib * 2**30) // dist.world())
     sk = parent.skeleton
     seqs = sequences(load_tokens(ctx.store, "validation"), cfg.data.seq_len)
     n_seq = min(len(seqs), max(1, math.ceil(cfg.score.tokens / cfg.data.seq_len)))
@@ -137,11 +156,13 @@ def run(ctx: StepContext) -> None:
     sim = {layer: 0.0 for layer in range(a, b)}
     tokens = 0
     started = time.time()
-    bar = tqdm(total=n_seq, desc=f"score {ctx.unit_id}", unit="seq", leave=False)
+    bar = tqdm(total=n_seq, desc=f"score {ctx.unit_id}", unit="seq", leave=False, disable=not dist.is_main())
+    # no collective inside the loop (nothing is sharded), so a rank short of a batch just stops
+    mine = [span for span, counted in dist.rank_batches(n_seq, cfg.score.batch_size) if counted]
     try:
         with torch.no_grad():
-            for s in range(0, n_seq, cfg.score.batch_size):
-                ids = seqs[s : s + cfg.score.batch_size].to(device)  # (B, T)
+            for span in mine:
+                ids = seqs[span].to(device)  # (B, T)
                 h = sk.embed(ids)  # (B, T, C)
                 rope = sk.attention_inputs(h)
                 states: dict[tuple[int, str, str], torch.Tensor] = {}
@@ -167,12 +188,22 @@ def run(ctx: StepContext) -> None:
                     acc["kl"] += F.kl_div(clogp, logp, log_target=True, reduction="sum").item()
                     acc["ce"] += F.nll_loss(clogp[:, :-1].flatten(0, 1), targets.flatten(), reduction="sum").item()
                     acc["cos"] += (1 - F.cosine_similarity(cfinal.float(), final.float(), dim=-1)).sum().item()
-                bar.update(len(ids))
+                bar.update(len(ids) * dist.world())
     finally:
         bar.close()
         parent.close()
+    # every rank's sums, in one order (the candidates are built in the same order on every rank)
+    keys = list(sums)
+    flat = [v for k in keys for v in sums[k].values()] + [sim[j] for j in range(a, b)] + [parent_ce, tokens]
+    flat = dist.all_reduce_sum(flat)
+    for i, k in enumerate(keys):
+        sums[k] = dict(zip(("kl", "ce", "cos"), flat[3 * i : 3 * i + 3], strict=True))
+    sim = {j: flat[3 * len(keys) + i] for i, j in enumerate(range(a, b))}
+    parent_ce, tokens = flat[-2], round(flat[-1])
     n_pred = tokens - n_seq  # next-token targets: T - 1 per sequence
     task_drop = _task_accuracy_drops(ctx, parent_dir, cands, dtype, device) if cfg.score.task_examples > 0 else {}
+    if not dist.is_main():
+        return
     seconds = time.time() - started
     coupled = cfg.bld.mode == "coupled"
     for layer in range(a, b):
@@ -197,17 +228,18 @@ def run(ctx: StepContext) -> None:
 
 
 def _task_accuracy_drops(ctx: StepContext, parent_dir, cands: list[Candidate], dtype, device) -> dict:
-    """Parent task exact match minus the swapped model's, per (layer, kind, variant) (score.task_examples)."""
+    """Parent task exact match minus the swapped model's, per (layer, kind, variant) (score.task_examples).
+    Sharded: rank r takes candidates r, r + N, ...; rank 0 gets every drop (the others an empty dict)."""
     from puzzle.evaluation import task_accuracy
     from puzzle.generation import DeciTextGenerator
 
     parent = load_parent(parent_dir, dtype=dtype, device=device).eval()
     n, seed = ctx.config.score.task_examples, ctx.config.seed
     gen = DeciTextGenerator(parent, parent_dir, batch_size=ctx.config.score.batch_size)
-    drops = {}
+    accuracy = {}
     with torch.no_grad():
-        base = task_accuracy(gen, n, seed=seed)["accuracy"]
-        for c in cands:
+        base = task_accuracy(gen, n, seed=seed)["accuracy"] if dist.is_main() else 0.0
+        for c in cands[dist.rank()::dist.world()]:
             original = parent.model.layers[c.layer]
             swapped = DeciLayer(parent.config, BlockConfig(
                 c.block.attention_variant if c.kind != "ffn" else original.attention_variant,
@@ -222,10 +254,13 @@ def _task_accuracy_drops(ctx: StepContext, parent_dir, cands: list[Candidate], d
                 swapped.post_attention_layernorm, swapped.mlp = original.post_attention_layernorm, original.mlp
             parent.model.layers[c.layer] = swapped
             parent.current_config()  # the KV cache is sized from the config: it must match the swapped block
-            drops[c.key] = base - task_accuracy(gen, n, seed=seed)["accuracy"]
+            accuracy[c.key] = task_accuracy(gen, n, seed=seed)["accuracy"]
             parent.model.layers[c.layer] = original
             parent.current_config()
-    return drops
+    every = dist.gather_object(accuracy)
+    if every is None:
+        return {}
+    return {key: base - acc for part in every for key, acc in part.items()}
 
 
 def _write(ctx: StepContext, layer: int, kind: str, name: str, *, parent: bool, **figures) -> None:
