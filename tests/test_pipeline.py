@@ -66,3 +66,20 @@ def test_the_dag_module_imports_nothing_of_hera_or_kubernetes():
             "print(sorted({m.split('.')[0] for m in mods} & {'hera', 'kubernetes', 'yaml'} | {'puzzle.argo'} & mods))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_unit_seconds_sums_the_done_markers_per_step(tmp_path):
+    """The end-of-run line "sum over units" reads every done marker's seconds; unreadable markers are skipped."""
+    from puzzle.layout import done_key
+    from puzzle.run import format_unit_seconds, unit_seconds
+    from puzzle.store import open_store
+
+    store = open_store(f"file://{tmp_path}")
+    store.put_json(done_key("bld", "stage-0"), {"seconds": 10.25})
+    store.put_json(done_key("bld", "stage-1"), {"seconds": 4.75})
+    store.put_json(done_key("solve", "solve"), {"seconds": 0.5})
+    store.put_bytes(done_key("solve", "torn"), b"{not json")
+    per = unit_seconds(store, ["prepare", "bld", "solve"])
+    assert per == {"prepare": [], "bld": [10.25, 4.75], "solve": [0.5]}
+    line = format_unit_seconds(per)
+    assert line == "unit time: bld 15.0 s (2), solve 0.5 s (1); sum over units 16 s"

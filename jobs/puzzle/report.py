@@ -335,8 +335,8 @@ def constraint_targets(solve: SolveConfig, scenarios: Sequence[Scenario]) -> lis
 def _with_unit(v: float | None, unit: str) -> str:
     if v is None:
         return "—"
-    if unit == "x":
-        return f"{v:.3g}x"
+    if unit == "x":  # three decimals at most: a 2.048x that misses 2.05 must not print as 2.05x
+        return f"{v:.3f}".rstrip("0").rstrip(".") + "x"
     if unit == "parameters":
         return f"{v:,.0f} parameters"
     if unit == "tokens/s":

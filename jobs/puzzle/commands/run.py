@@ -124,10 +124,13 @@ def _print_summary(run_uri: str, steps: list[str] | None) -> None:
     """The results table at the end of a whole run (what `puzzle report` prints)."""
     if steps is not None and "report" not in steps:
         return
+    from puzzle import pipeline
     from puzzle.layout import REPORT_JSON
     from puzzle.report import summary_table
-    from puzzle.run import open_run
+    from puzzle.run import format_unit_seconds, open_run, unit_seconds
 
     store = open_run(run_uri).store
     if store.exists(REPORT_JSON):
         print(summary_table(store.get_json(REPORT_JSON)), file=sys.stderr)
+    print(format_unit_seconds(unit_seconds(store, [s.name for s in pipeline.topological_order()])),
+          file=sys.stderr)
