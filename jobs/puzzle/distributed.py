@@ -35,8 +35,8 @@ CPU everything stays fp32, so the tests compare sharded and one-process runs at 
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
-import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -142,20 +142,30 @@ def from_main(fn: Callable[[], T]) -> T:
             result = fn()
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             err = e
-    ok, payload = broadcast_object((err is None, result if err is None else _picklable(err)))
+    ok, payload = broadcast_object((err is None, result if err is None else _describe(err)))
     if not ok:
         if err is not None:
             raise err
-        raise payload
+        raise _rebuild(payload)
     return payload
 
 
-def _picklable(err: BaseException) -> BaseException:
-    try:
-        pickle.loads(pickle.dumps(err))
-        return err
-    except Exception:  # noqa: BLE001 - an exception that cannot travel is described instead
-        return RuntimeError(f"rank 0: {type(err).__name__}: {err}")
+def _describe(err: BaseException) -> tuple[str, str, str]:
+    """An exception as (module, class name, message): plain strings travel, the exception object need not."""
+    return type(err).__module__, type(err).__qualname__, str(err)
+
+
+def _rebuild(desc: tuple[str, str, str]) -> BaseException:
+    """The same class for the project's own errors (so exit codes match on every rank), else a RuntimeError."""
+    module, name, message = desc
+    if module == "puzzle" or module.startswith("puzzle."):
+        cls = getattr(importlib.import_module(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, Exception):
+            try:
+                return cls(message)
+            except TypeError:  # a constructor that wants more than a message
+                pass
+    return RuntimeError(f"rank 0: {name}: {message}")
 
 
 def gather_object(obj: T) -> list[T] | None:
