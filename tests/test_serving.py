@@ -210,6 +210,19 @@ def test_validate_and_prepare_exit_2_naming_the_rule(tmp_path, capsys):
     assert main(["config", "validate", "--parent", "--quiet", str(ok)]) == 0
 
 
+def test_the_tiny_example_targets_vllm_and_its_committed_parent_obeys_the_rules():
+    """What prepare checks first, on the shipped example and parent (fails until the parent is retrained
+    at the sizes of TinyParentConfig's defaults: hidden 256, head_dim 32, SwiGLU 768)."""
+    from puzzle.config import load_config
+    from puzzle.steps.prepare import read_parent_config
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(repo / "examples/tiny/puzzle.yaml")
+    assert cfg.search_space.serving == ["vllm"]
+    _, ffn = expand_search_space(cfg.search_space, read_parent_config(repo / cfg.parent.uri))
+    assert [v.name for v in ffn] == ["ffn_i768", "ffn_i256", "ffn_i512", "ffn_noop"]
+
+
 # ----- the configuration module every child carries ---------------------------------------------------
 
 _READ_BACK = """
