@@ -140,8 +140,12 @@ def test_create_through_kubernetes_api_posts_a_custom_object(tmp_path):
     assert req["body"] == wf
 
 
-def _config(tmp_path: Path, store_uri: str) -> Path:
+def _config(tmp_path: Path, store_uri: str, local_inputs: bool = False) -> Path:
+    """The tiny example with the given store; its parent and text moved to S3 unless ``local_inputs``."""
     text = (ROOT / "examples" / "tiny" / "puzzle.yaml").read_text().replace("uri: file://./runs", f"uri: {store_uri}")
+    if not local_inputs:
+        text = (text.replace("uri: examples/tiny/parent", "uri: s3://bucket/models/tiny-parent")
+                .replace("_uri: examples/tiny/data/", "_uri: s3://bucket/text/"))
     path = tmp_path / "run.yaml"
     path.write_text(text)
     return path
@@ -169,6 +173,11 @@ def test_submit_refuses_a_local_store_and_bad_parameters(tmp_path, capsys):
     config = _config(tmp_path, "file://./runs")
     assert main(["submit", str(config), "--dry-run"]) == 2
     assert "cluster pods can only reach an s3:// store" in capsys.readouterr().err
+    config = _config(tmp_path, "s3://bucket/runs", local_inputs=True)
+    assert main(["submit", str(config), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "parent.uri is 'examples/tiny/parent', a path on this machine that cluster pods cannot read" in err
+    assert "allowed for a cluster run: s3://... or hf://..." in err
     config = _config(tmp_path, "s3://bucket/runs")
     assert main(["submit", str(config), "--dry-run", "-p", "gpu-count"]) == 2
     assert "'gpu-count' is not NAME=VALUE" in capsys.readouterr().err

@@ -58,6 +58,21 @@ def parse_parameters(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _refuse_local_inputs(path: str, cfg) -> None:
+    """Pods see neither this machine's folders nor its files: every input must be in S3 (or the hub)."""
+    fields = [("parent.uri", cfg.parent.uri, ("s3://", "hf://")),
+              ("data.distillation_uri", cfg.data.distillation_uri, ("s3://",)),
+              ("data.validation_uri", cfg.data.validation_uri, ("s3://",))]
+    if cfg.eval.icl.predictor_uri:
+        fields.append(("eval.icl.predictor_uri", cfg.eval.icl.predictor_uri, ("s3://", "hf://")))
+    for field, value, allowed in fields:
+        if not value.startswith(allowed):
+            raise UserError(
+                f"{path}: {field} is {value!r}, a path on this machine that cluster pods cannot read; allowed "
+                f"for a cluster run: {' or '.join(a + '...' for a in allowed)} (upload it first, e.g. "
+                f"`aws s3 cp --recursive`, or use `puzzle run` for a local run)")
+
+
 def _main(args) -> int:
     from puzzle.config import load_config
 
@@ -68,6 +83,7 @@ def _main(args) -> int:
             f"{args.config}: store.uri is {cfg.store.uri!r}; cluster pods can only reach an s3:// store "
             "(set store.uri: s3://BUCKET/PREFIX, or use `puzzle run` for a local run)"
         )
+    _refuse_local_inputs(args.config, cfg)
     params = parse_parameters(args.parameter)
     if args.image:
         params["image"] = args.image
