@@ -402,7 +402,16 @@ def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], 
     largest = largest_shard_unit_params(cfg) * (2 * gather_b + 4) if G > 1 else 0
     if gkd.enabled:
         gkd_flops = gkd.tokens * (fwd_per_token + 3 * fwd_per_token)
-        per_seq = seq * (cfg.vocab_size * 4 * 3 + cfg.hidden_size * 2 * 12 * n)
+        # saved for backward, per token: fp32 logits, log-softmax and its gradient (x3), and per layer about
+        # 10 hidden-wide tensors (norm inputs/outputs, q, attention out, o_proj in, residuals), k and v, and
+        # 4 FFN-wide ones (gate, up, silu(gate), their product) in the compute dtype; the child sized as the
+        # parent (its widest FFN). 10/4 was fitted from bench_gkd.py on an H200 (BENCHMARKS.md) to stay above it
+        act_b = 2 if dtype != "float32" else 4
+        kv_heads = [cfg.num_attention_heads // b.attention.n_heads_in_group
+                    for b in cfg.block_configs if b.attention.n_heads_in_group]
+        kv_dim = max(kv_heads, default=0) * cfg.head_dim
+        per_layer = act_b * (10 * cfg.hidden_size + 2 * kv_dim + 4 * _max_intermediate(cfg, ()))
+        per_seq = seq * (cfg.vocab_size * 4 * 3 + per_layer * n)
         # weights, gradients and AdamW's two moments in the child's dtype; the teacher's weights
         states = parent_bytes + student * 4 * db
         gkd_mem = states / G + math.ceil(gkd.batch_size / G) * per_seq + largest + OVERHEAD_BYTES
