@@ -208,6 +208,45 @@ def test_ctrl_c_prints_what_was_saved_and_the_resume_command(tmp_path, parent_di
     assert list((tmp_path / "runs").glob("library/*/checkpoints/*/state.json"))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent has not read its status yet
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_stopped_run_leaves_no_worker_behind(tmp_path, parent_dir, sig):
+    """`kill` (SIGTERM) is handled as Ctrl-C is (workers stopped, resume command, exit 143); after SIGKILL,
+    which nothing can handle, the workers die with the run (PR_SET_PDEATHSIG) instead of training on as
+    orphans that write into a run nobody runs."""
+    from test_reliability import _children
+
+    cfg = tmp_path / "puzzle.yaml"
+    cfg.write_text(config_text(tmp_path, parent_dir, f"file://{tmp_path}/runs", bld_steps=400))
+    proc = subprocess.Popen([sys.executable, "-m", "puzzle.cli", "run", str(cfg), "--run-id", "stopped",
+                             "--steps", "prepare,bld", "--workers", "1"], env={**os.environ, **CHILD_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "runs").glob("library/*/checkpoints/*/state.json")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    workers = _children(proc.pid)
+    assert workers, "the run has no worker processes to check"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, err[-3000:]
+        assert "resume with: puzzle run --resume" in err and "Traceback" not in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in workers if _alive(p)], "worker processes outlived the run"
+
+
 def test_gkd_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, parent_dir):
     """GKD checkpoints like BLD (issue #19): stopped after a checkpoint, a second call ends where an
     uninterrupted one does."""

@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,32 @@ class UnitFailure(Exception):
         return f"step {self.step}, unit {self.unit_id}: {self.message}"
 
 
+class Stopped(KeyboardInterrupt):
+    """`puzzle run` was told to stop by a signal other than Ctrl-C (SIGTERM: `kill`, SIGHUP: the terminal
+    closed). Handled as Ctrl-C is: the workers are stopped, completed units keep their markers."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_on(signum: int, _frame) -> None:
+    raise Stopped(signum)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this worker when the process that started it dies, even by SIGKILL: a worker
+    left behind would go on training and writing into a run nobody is running."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _worker_init(threads: int, gpu_queue) -> None:
+    _die_with_parent()
     # one progress bar for the whole run: the units' own bars would interleave on the same terminal
     os.environ["TQDM_DISABLE"] = "1"
     # Ctrl-C is the parent's to handle: it stops the workers itself, so none dies mid-write on its own
@@ -193,6 +219,9 @@ def run_pipeline(run_uri: str, workers: int | None = None, steps: list[str] | No
         for i in range(workers):
             gpu_queue.put(i % gpus)
     pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads, gpu_queue))
+    # signal handlers belong to the main thread (the CLI's); a caller on another thread keeps its own
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, _stop_on) for sig in (signal.SIGTERM, signal.SIGHUP)} if main else {}
     try:
         for level in levels():
             todo = [(s, u) for s in level if steps is None or s.name in steps
@@ -225,6 +254,8 @@ def run_pipeline(run_uri: str, workers: int | None = None, steps: list[str] | No
         _kill_workers(pool)
         raise
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         pool.shutdown(wait=True, cancel_futures=True)
 
 

@@ -11,6 +11,7 @@ recorded in the run's ``history/``). Ctrl-C stops the workers and prints how to 
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -85,9 +86,9 @@ def _main(args) -> int:
     print(f"run: {run_uri}", file=sys.stderr)
     try:
         run_pipeline(run_uri, workers=args.workers, steps=steps)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or Stopped by SIGTERM / SIGHUP
         print(f"\n{interrupted_summary(run_uri)}", file=sys.stderr)
-        return 130
+        return 128 + getattr(err, "signum", signal.SIGINT)
     except UnitFailure as err:
         if err.bad_input:
             first = pipeline.step(err.step).name
