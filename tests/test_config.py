@@ -108,7 +108,7 @@ BAD = [
     ),
     (
         "cross-field serving",
-        _with(("search_space", "serving"), "vllm"),
+        _with(("search_space", "attention", "replace_with_linear"), True),
         r"search_space: .*attention.replace_with_linear: value true breaks vllm's rule .*allowed: false",
     ),
     ("bad store scheme", _with(("store", "uri"), "gs://x"), r"store: .*uri: 'gs://x' is not allowed"),
