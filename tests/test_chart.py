@@ -32,6 +32,9 @@ STEP_METRICS = {"puzzle_bld_loss", "puzzle_bld_tokens_per_second", "puzzle_bld_t
                 "puzzle_bld_target_tokens", "puzzle_solve_objective"}
 ARGO_METRICS = {"puzzle_step_duration_seconds", "puzzle_step_result_total"}
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
+#: The least a render needs: no image is published and no registry is assumed, so both repositories are set.
+MINIMAL = yaml.safe_load((CHART / "ci" / "default-values.yaml").read_text())
 
 
 def render(values: dict | None = None, name: str = "puzzle", namespace: str = "ml") -> list[dict]:
@@ -78,7 +81,7 @@ def test_every_object_validates(rendered):
 
 
 def test_strict_validation_catches_a_bad_object():
-    bad = by_kind(render(), "ServiceAccount")[0]
+    bad = by_kind(render(MINIMAL), "ServiceAccount")[0]
     bad["automountServiceAccountTokens"] = True
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, KUBE_VERSION, strict=True)
@@ -128,13 +131,50 @@ def test_values_become_parameter_defaults(rendered):
     assert p["gpu-count"] == "2"
     assert json.loads(p["gpu-tolerations"]) == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert json.loads(p["gpu-node-selector"]) == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    assert p["image"] == "registry.example.com/ml/puzzle-gpu:0.1.0-cu124"
-    assert p["cpu-image"] == "ghcr.io/puzzle-k8s/puzzle-cpu:0.1.0"
+    assert p["image"] == f"registry.example.com/ml/puzzle-gpu:{APP_VERSION}"
+    assert p["cpu-image"] == f"registry.example.com/ml/puzzle-cpu:{APP_VERSION}"
     assert p["store-prefix"] == "s3://ml-runs/puzzle"
     default = _params(by_kind(rendered["default-values.yaml"], "WorkflowTemplate")[0])
     assert default["store-prefix"] is None and default["gpu-tolerations"] == "[]"
     sem = by_kind(rendered["gpu-tolerations-values.yaml"], "ConfigMap")
     assert any(c["data"].get(argo.GPU_SEMAPHORE_KEY) == "16" for c in sem)
+    pinned = _params(by_kind(rendered["pinned-tags-values.yaml"], "WorkflowTemplate")[0])
+    assert pinned["image"] == "registry.example.com/ml/puzzle-gpu:0.1.0-cu124"
+    assert pinned["cpu-image"] == "registry.example.com/ml/puzzle-cpu:0.1.0-2025.06"
+
+
+def _leaves(values: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in values.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_default_scenario_sets_only_the_image_repositories():
+    """ci/default-values.yaml stands for the chart's defaults: it may add only what cannot be defaulted."""
+    assert set(_leaves(MINIMAL)) == {"image.gpu.repository", "image.cpu.repository"}
+    defaults = _leaves(yaml.safe_load((CHART / "values.yaml").read_text()))
+    assert defaults["image.gpu.repository"] == defaults["image.cpu.repository"] == ""
+
+
+@pytest.mark.parametrize("kind", ["gpu", "cpu"])
+def test_an_empty_image_repository_fails_the_render_and_says_what_to_set(kind):
+    """No image is published and no registry is assumed: without a repository Helm refuses to render (a
+    WorkflowTemplate whose pods would sit in ImagePullBackOff), naming the value and what to set it to.
+    The schema accepts the empty default, so the message comes from the template's `required`."""
+    message = (f"image.{kind}.repository is empty: set it to the repository you pushed images/Dockerfile.{kind} "
+               f"to (no registry is assumed), e.g. --set image.{kind}.repository=REGISTRY/puzzle-{kind}")
+    other = "cpu" if kind == "gpu" else "gpu"
+    cases = [{"image": {other: {"repository": f"registry.example.com/ml/puzzle-{other}"}}},
+             {"image": {kind: {"repository": "", "tag": "0.1.0"},
+                        other: {"repository": f"registry.example.com/ml/puzzle-{other}"}}}]
+    if kind == "gpu":
+        cases.append({})  # a bare `helm install`: the render stops at the first image, the GPU one
+    with helm.Chart.load(CHART) as chart:
+        for values in cases:
+            chart.validate_schema(values)
+            with pytest.raises(helm.HelmError, match=re.escape(message)):
+                chart.render(values, name="puzzle", namespace="ml")
 
 
 def test_every_reference_resolves(rendered):
@@ -236,6 +276,7 @@ def test_argo_metric_names_match_the_workflow_template():
 
 def test_notes_name_the_next_commands():
     with helm.Chart.load(CHART) as chart:
-        notes = chart.render({"store": {"prefix": "s3://runs/p"}}, name="x", namespace="ml")["puzzle/templates/NOTES.txt"]
+        values = {**MINIMAL, "store": {"prefix": "s3://runs/p"}}
+        notes = chart.render(values, name="x", namespace="ml")["puzzle/templates/NOTES.txt"]
     assert f"--from workflowtemplate/{argo.template_name()}" in notes
     assert "puzzle submit" in notes and "puzzle status s3://runs/p/RUN_ID" in notes and "puzzle fetch" in notes

@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from puzzle.cli import main
 from puzzle.config import ConfigError, PuzzleConfig, StoreConfig, load_config, load_config_text, parse_config
+from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +108,7 @@ BAD = [
     ),
     (
         "cross-field serving",
-        _with(("search_space", "serving"), "vllm"),
+        _with(("search_space", "attention", "replace_with_linear"), True),
         r"search_space: .*attention.replace_with_linear: value true breaks vllm's rule .*allowed: false",
     ),
     ("bad store scheme", _with(("store", "uri"), "gs://x"), r"store: .*uri: 'gs://x' is not allowed"),
@@ -180,6 +181,52 @@ def test_cli_schema_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert "search_space" in schema["properties"]
     assert "n_heads_in_group" in json.dumps(schema["$defs"]["AttentionSpace"])
 
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The BaseModel types inside an annotation: itself, or nested in list[...], Optional, unions, dicts."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _undescribed(model: type[BaseModel], prefix: str, seen: set[type[BaseModel]]) -> list[str]:
+    """Dotted paths of the fields under ``model`` (recursively) whose description is missing or blank."""
+    seen.add(model)
+    missing = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        if not (field.description or "").strip():
+            missing.append(path)
+        for sub in _models_in(field.annotation):
+            if sub not in seen:
+                missing += _undescribed(sub, f"{path}.", seen)
+    return missing
+
+
+def test_every_config_field_has_a_description() -> None:
+    """Issue #19: ``puzzle config schema`` is the reference of the YAML, so no field may be bare."""
+    seen: set[type[BaseModel]] = set()
+    missing = _undescribed(PuzzleConfig, "", seen)
+    # the walk must reach the models nested in lists and sections, or it would check too little
+    assert {"Scenario", "ThroughputConstraint", "GKDConfig", "ICLEvalConfig", "AttentionSpace"} <= {
+        m.__name__ for m in seen
+    }
+    assert not missing, f"config fields without a description: {', '.join(missing)}"
+
+
+def test_cli_schema_describes_every_property(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    models = {"PuzzleConfig": schema, **schema["$defs"]}
+    missing = [
+        f"{model}.{prop}"
+        for model, definition in models.items()
+        for prop, spec in definition.get("properties", {}).items()
+        if not str(spec.get("description", "")).strip()
+    ]
+    assert len(models) > 10 and "Scenario" in models
+    assert not missing, f"schema properties without a description: {', '.join(missing)}"
 
 # --- fuzz -----------------------------------------------------------------------------------
 _KEYS = sorted(

@@ -83,8 +83,14 @@ class FFNSpace(_Strict):
 
 
 class SearchSpaceConfig(_Strict):
-    attention: AttentionSpace = Field(default_factory=AttentionSpace)
-    ffn: FFNSpace = Field(default_factory=FFNSpace)
+    attention: AttentionSpace = Field(
+        default_factory=AttentionSpace,
+        description="Attention variants offered at every layer (GQA groupings, a linear map, removal).",
+    )
+    ffn: FFNSpace = Field(
+        default_factory=FFNSpace,
+        description="FFN variants offered at every layer (SwiGLU widths, a linear map, removal).",
+    )
     include_parent: bool = Field(True, description="Keep the parent's own attention/FFN as a candidate per layer.")
     serving: list[Literal["any", "vllm", "sglang", "trtllm", "llamacpp"]] = Field(
         default_factory=lambda: ["any"],
@@ -131,15 +137,23 @@ class BLDConfig(_Strict):
 
 class Scenario(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="DNS-label name, used in artifact keys.")
-    batch_size: int = Field(ge=1)
-    input_len: int = Field(ge=1)
-    output_len: int = Field(ge=1)
-    dtype: DType = "float32"
+    batch_size: int = Field(
+        ge=1, description="Sequences served together (B): blocks are timed at this batch, and the memory "
+        "limit counts the KV cache of B sequences.")
+    input_len: int = Field(
+        ge=1, description="Prompt tokens per sequence (T): prefill runs at this length, decoding after it.")
+    output_len: int = Field(
+        ge=1, description="Tokens generated per sequence (O); tokens/s = B * O / (prefill + decode seconds).")
+    dtype: DType = Field(
+        "float32", description="Dtype the model is served in: blocks are timed in it and weights + KV cache "
+        "counted at its size (independent of parent.dtype).")
     device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N': the target the profile measures.")
 
 
 class ProfileConfig(_Strict):
-    scenarios: list[Scenario] = Field(min_length=1)
+    scenarios: list[Scenario] = Field(
+        min_length=1, description="Serving targets (at least one, unique names): profile times every block "
+        "variant on each; solve's throughput, memory and latency limits and evaluate's tokens/s use them.")
     warmup: int = Field(3, ge=0, description="Untimed repetitions before measuring.")
     repeats: int = Field(10, ge=1, description="Timed repetitions; the median is used.")
     decode_points: int = Field(5, ge=2, description="Context lengths sampled across the output range.")
@@ -153,7 +167,9 @@ class ProfileConfig(_Strict):
         "other processes), wall, or auto (thread_cpu with one torch thread, else wall).")
     reuse: bool = Field(True, description="Copy a stable profile an earlier run measured on the same device, "
                         "shapes and settings (profiles/<digest>/ beside the runs) instead of measuring again.")
-    backend: Literal["torch", "vllm"] = "torch"
+    backend: Literal["torch", "vllm"] = Field(
+        "torch", description="Not read by any step yet: profile and evaluate always time the built-in torch "
+        "engine. A whole model's vLLM cross-check is `puzzle bench throughput --backend vllm`.")
     cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs on GPU.")
     estimate_peak_tflops: float = Field(989.0, gt=0, description="Peak dense FLOP/s (TFLOP/s) for the roofline estimate.")
     estimate_bandwidth_gbps: float = Field(3350.0, gt=0, description="Memory bandwidth (GB/s) for the roofline estimate.")
@@ -172,7 +188,9 @@ class ScoreConfig(_Strict):
         "kl", description="Replace-1-block degradation the solver minimizes."
     )
     tokens: int = Field(8192, ge=1, description="Held-out tokens scored per (layer, variant).")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(
+        8, ge=1, description="Validation sequences (data.seq_len tokens each) per forward batch, dealt "
+        "round-robin over the pod's GPUs; also the prompts generated together for task_examples.")
     layers_per_unit: int = Field(2, ge=1, description="Layers scored by one score unit.")
     task_examples: int = Field(0, ge=0, description="Tiny-task examples for exact-match scoring (0: off).")
 
@@ -190,7 +208,9 @@ class ThroughputConstraint(_Strict):
 
 
 class SolveConfig(_Strict):
-    throughput: list[ThroughputConstraint] = Field(default_factory=list)
+    throughput: list[ThroughputConstraint] = Field(
+        default_factory=list, description="Throughput floors, each on one profile scenario; empty: none. The "
+        "Pareto sweep varies the first (else speedup on the first scenario).")
     memory_gib: float | None = Field(None, gt=0, description="Weights + KV cache (at each scenario's batch and length) limit.")
     max_prefill_latency_s: float | None = Field(None, gt=0, description="Prefill latency limit for every scenario.")
     max_params: int | None = Field(None, gt=0, description="Parameter-count limit of the child.")
@@ -213,7 +233,10 @@ class GKDConfig(_Strict):
 
 
 class AssembleConfig(_Strict):
-    gkd: GKDConfig = Field(default_factory=GKDConfig)
+    gkd: GKDConfig = Field(
+        default_factory=GKDConfig,
+        description="Global knowledge distillation of every assembled child and baseline (off by default).",
+    )
     max_shard_bytes: int = Field(5 * 2**30, ge=1024, description="Safetensors shard size when saving the child.")
 
 
@@ -288,7 +311,10 @@ class EvalConfig(_Strict):
         description="Which models' in-context learning eval.icl measures (by kind): the parent is needed for "
         "retention; baselines can be left out to save time.")
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-evaluation-harness task names or JSON files.")
-    icl: ICLEvalConfig = Field(default_factory=ICLEvalConfig)
+    icl: ICLEvalConfig = Field(
+        default_factory=ICLEvalConfig,
+        description="In-context compositional generalization benchmark of the icl_models (off by default).",
+    )
 
 
 class StoreConfig(_Strict):
@@ -337,19 +363,49 @@ class PuzzleConfig(_Strict):
     """One Puzzle run: parent, data, search space and the settings of every step."""
 
     name: str = Field("puzzle", pattern=r"^[a-z0-9][a-z0-9-]{0,39}$", description="Run name prefix (DNS label).")
-    seed: int = 0
-    parent: ParentConfig
-    data: DataConfig
-    search_space: SearchSpaceConfig = Field(default_factory=SearchSpaceConfig)
-    bld: BLDConfig = Field(default_factory=BLDConfig)
-    profile: ProfileConfig
-    score: ScoreConfig = Field(default_factory=ScoreConfig)
-    solve: SolveConfig = Field(default_factory=SolveConfig)
-    assemble: AssembleConfig = Field(default_factory=AssembleConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    seed: int = Field(
+        0, description="Seeds profile's random block weights and inputs, the random prompts evaluate times, "
+        "GKD's batch order, the tiny-task examples of score and evaluate, and lm-eval (bld and eval.icl "
+        "have their own seed).")
+    parent: ParentConfig = Field(description="The model to compress: where it is, the dtype it is loaded in.")
+    data: DataConfig = Field(
+        description="Text prepare tokenizes into shards: distillation for bld and GKD, validation for score "
+        "and evaluate.")
+    search_space: SearchSpaceConfig = Field(
+        default_factory=SearchSpaceConfig, description="Per-layer attention and FFN variants prepare expands "
+        "into the candidates bld trains and solve chooses among, and the engines the child must load in.")
+    bld: BLDConfig = Field(
+        default_factory=BLDConfig,
+        description="Blockwise local distillation (step bld) of every candidate block against the parent.",
+    )
+    profile: ProfileConfig = Field(
+        description="Serving scenarios and how the profile step times every block variant on them.")
+    score: ScoreConfig = Field(
+        default_factory=ScoreConfig, description="Replace-1-block scoring (step score): the parent's "
+        "degradation with one block swapped for a candidate, the cost solve minimizes.")
+    solve: SolveConfig = Field(
+        default_factory=SolveConfig,
+        description="Constraints and options of the MIP (step solve) that picks one variant per layer.",
+    )
+    assemble: AssembleConfig = Field(
+        default_factory=AssembleConfig,
+        description="Building the models solve planned from the block library (step assemble), and GKD.",
+    )
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig,
+        description="What evaluate measures on the parent, the children and the baselines.",
+    )
+    store: StoreConfig = Field(
+        default_factory=StoreConfig,
+        description="Where the run's artifacts live (file:// or s3://), how each step reads and writes them.",
+    )
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig, description="Where every step pushes its Prometheus metrics (unset: "
+        "$PUZZLE_PUSHGATEWAY_URL, else no push)."
+    )
+    compute: ComputeConfig = Field(
+        default_factory=ComputeConfig, description="The machines the pipeline's pods run on: planning cuts "
+        "bld into units that fit them and estimates GPU time.")
 
     @model_validator(mode="after")
     def _cross(self) -> PuzzleConfig:

@@ -62,8 +62,14 @@ app.kubernetes.io/part-of: puzzle
 {{- end }}
 {{- end }}
 
+{{/*
+REPOSITORY:TAG of one image; .kind is "gpu" or "cpu". No image is published and no registry is assumed,
+so an empty repository fails the render rather than giving pods that sit in ImagePullBackOff.
+*/}}
 {{- define "puzzle.image" -}}
-{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{- $image := index .root.Values.image .kind -}}
+{{- $repository := required (printf "image.%s.repository is empty: set it to the repository you pushed images/Dockerfile.%s to (no registry is assumed), e.g. --set image.%s.repository=REGISTRY/puzzle-%s" .kind .kind .kind .kind) $image.repository -}}
+{{- printf "%s:%s" $repository (default .root.Chart.AppVersion $image.tag) }}
 {{- end }}
 
 {{/* The shipped WorkflowTemplate, parsed as data: Helm never evaluates the Argo expressions inside it. */}}
