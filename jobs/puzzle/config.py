@@ -167,9 +167,6 @@ class ProfileConfig(_Strict):
         "other processes), wall, or auto (thread_cpu with one torch thread, else wall).")
     reuse: bool = Field(True, description="Copy a stable profile an earlier run measured on the same device, "
                         "shapes and settings (profiles/<digest>/ beside the runs) instead of measuring again.")
-    backend: Literal["torch", "vllm"] = Field(
-        "torch", description="Not read by any step yet: profile and evaluate always time the built-in torch "
-        "engine. A whole model's vLLM cross-check is `puzzle bench throughput --backend vllm`.")
     cuda_graphs: bool = Field(True, description="Capture decode steps in CUDA graphs on GPU.")
     estimate_peak_tflops: float = Field(989.0, gt=0, description="Peak dense FLOP/s (TFLOP/s) for the roofline estimate.")
     estimate_bandwidth_gbps: float = Field(3350.0, gt=0, description="Memory bandwidth (GB/s) for the roofline estimate.")
