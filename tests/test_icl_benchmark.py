@@ -193,6 +193,27 @@ def test_demonstrations_never_depend_on_the_evaluated_model():
     assert [x[0] for x in c.calls] == [x[0] for x in a.calls]
 
 
+def test_a_beams_cache_runs_the_predictor_once_for_every_model():
+    """evaluate keeps the predictor's beams in the run: the second model's plan reads them (no predictor
+    call) and gets the very same prompts as the first."""
+    cfg = paper_cfg(datasets=["scan:template", "geo:compound"], num_test=4)
+    kept: dict[str, list[list[str]]] = {}
+
+    def cache(name, compute):
+        if name not in kept:
+            kept[name] = compute()
+        return kept[name]
+
+    predictor = Words(["answer(count(river(all)))", "I_TURN_RIGHT I_WALK"])
+    a, b = Words(["I_WALK"]), Words(["answer(state(all))"])
+    run_icl_benchmark(a, cfg, predictor, measure=Words(), beams_cache=cache)
+    first = len(predictor.calls)
+    assert first == len(cfg.datasets) and set(kept) == set(cfg.datasets)
+    run_icl_benchmark(b, cfg, predictor, measure=Words(), beams_cache=cache)
+    assert len(predictor.calls) == first, "the predictor ran again despite the cache"
+    assert [c[0] for c in a.calls] == [c[0] for c in b.calls]
+
+
 def test_oracle_structures_are_those_of_the_anonymized_gold_program():
     cfg = paper_cfg(methods=["cover_ls"], structure_predictor="oracle")
     plan = plan_dataset("geo:compound", cfg, Words(), None)

@@ -89,15 +89,16 @@ def task_accuracy(generator: TextGenerator, n: int, seed: int = 0, split: str = 
 
 
 def icl_results(generator: TextGenerator, cfg: ICLEvalConfig, predictor: TextGenerator | None = None,
-                measure: TextGenerator | None = None) -> dict[str, Any]:
+                measure: TextGenerator | None = None, beams_cache=None) -> dict[str, Any]:
     """The ICL benchmark per dataset:split x method (per-item records dropped: the report needs the
     figures; ``records`` of thousands of prompts would dominate every report.json).
 
     ``predictor`` predicts the query programs and ``measure`` sets the prompt budget; the evaluate step
-    passes the parent for both, so every unit (parent, children, baselines) sees the same prompts."""
+    passes the parent for both, so every unit (parent, children, baselines) sees the same prompts, and a
+    ``beams_cache`` (:data:`puzzle.icl.benchmark.BeamsCache`) so the predictor runs once for all of them."""
     from puzzle.icl.benchmark import run_icl_benchmark
 
-    out = run_icl_benchmark(generator, cfg, predictor, measure=measure)
+    out = run_icl_benchmark(generator, cfg, predictor, measure=measure, beams_cache=beams_cache)
     for per_method in out["results"].values():
         for r in per_method.values():
             r.pop("records", None)

@@ -18,6 +18,7 @@ A run lives at ``<store.uri>/<run-id>/`` (``file://./runs/tiny-20261201-101500-a
                                          sha256) written last
     checkpoints/<step>/<unit>/...        resumable training state of a unit of the run (GKD)
     eval/<id>/report.json                one model's evaluation
+    eval/icl-beams/<digest>.json         the ICL structure predictor's beams per query, shared by every model
     report.json, report.html, status.json, metrics/<step>-<unit>.prom
 
     library/<digest>/key.json, <layer>/<variant>/{weights.safetensors, meta.json}, checkpoints/<unit>/...
@@ -105,6 +106,11 @@ def child_complete_key(unit_id: str) -> str:
 
 def eval_report_key(unit_id: str) -> str:
     return f"eval/{unit_id}/report.json"
+
+
+def icl_beams_key(digest: str) -> str:
+    """``eval/icl-beams/<digest>.json``: the predictor's beams of one dataset under one ICL config."""
+    return f"eval/icl-beams/{digest}.json"
 
 
 def checkpoint_prefix(step: str, unit_id: str) -> str:

@@ -194,6 +194,11 @@ def predict_programs(
     return predictor.generate(prompts, budget, num_beams=cfg.num_beams, num_return_sequences=cfg.num_beams)
 
 
+#: ``cache(dataset name, compute)`` -> the predictor's beams per query: compute() once, then reuse (evaluate
+#: keeps them in the run, so the parent predicts each query's programs once for every model evaluated)
+BeamsCache = Callable[[str, Callable[[], list[list[str]]]], list[list[str]]]
+
+
 def plan_dataset(
     name: str,
     cfg: ICLEvalConfig,
@@ -201,6 +206,7 @@ def plan_dataset(
     predictor: TextGenerator | None,
     *,
     max_new_tokens: int | None = None,
+    beams_cache: BeamsCache | None = None,
 ) -> DatasetPlan:
     """Phase 1 for one dataset: queries, the predictor's programs, every method's demonstrations and prompts."""
     dataset = load_dataset(name, cfg.seed)
@@ -224,7 +230,10 @@ def plan_dataset(
             if predictor is None:
                 raise ValueError(f"structure_predictor {cfg.structure_predictor!r}: no predictor model was given")
             demos = sel.utterance_topk if isinstance(sel, PaperSelector) else sel.topk
-            beams = predict_programs(predictor, dataset, queries, cfg, demos)
+            def compute() -> list[list[str]]:
+                return predict_programs(predictor, dataset, queries, cfg, demos)
+
+            beams = beams_cache(name, compute) if beams_cache is not None else compute()
             gold = False
         if paper:
             # A gold beam is a program text already; predicted beams are targets (SCAN: action sequences).
@@ -269,13 +278,15 @@ def plan_icl(
     *,
     max_new_tokens: int | None = None,
     log: Callable[[str], None] | None = None,
+    beams_cache: BeamsCache | None = None,
 ) -> dict[str, DatasetPlan]:
     """Phase 1 for every dataset of ``cfg``; ``measure`` sets the prompt budget (the parent's tokenizer and
     context), ``predictor`` predicts the programs (not used with ``structure_predictor: oracle``)."""
     plans = {}
     for name in cfg.datasets:
         t0 = time.perf_counter()
-        plans[name] = plan_dataset(name, cfg, measure, predictor, max_new_tokens=max_new_tokens)
+        plans[name] = plan_dataset(name, cfg, measure, predictor, max_new_tokens=max_new_tokens,
+                                   beams_cache=beams_cache)
         if log:
             log(f"{name}: prompts planned in {time.perf_counter() - t0:.1f}s (budget {plans[name].budget} tokens)")
     return plans
@@ -307,6 +318,7 @@ def run_icl_benchmark(
     plan: dict[str, DatasetPlan] | None = None,
     max_new_tokens: int | None = None,
     log: Callable[[str], None] | None = None,
+    beams_cache: BeamsCache | None = None,
 ) -> dict[str, Any]:
     """Exact match of ``generator`` per dataset:split x method.
 
@@ -324,7 +336,7 @@ def run_icl_benchmark(
     if plan is None:
         needs = cfg.structure_predictor != "oracle"
         plan = plan_icl(cfg, measure, (predictor or generator) if needs else None, max_new_tokens=max_new_tokens,
-                        log=log)
+                        log=log, beams_cache=beams_cache)
     results: dict[str, Any] = {}
     for name, dp in plan.items():
         t0 = time.perf_counter()

@@ -39,7 +39,7 @@ from puzzle.evaluation import (
     throughput_figures,
 )
 from puzzle.generation import DeciTextGenerator
-from puzzle.layout import eval_report_key
+from puzzle.layout import eval_report_key, icl_beams_key
 from puzzle.library import check_parent_unchanged
 from puzzle.model import DeciLMForCausalLM, ModelConfig, load_parent, load_pretrained
 from puzzle.model.io import torch_dtype
@@ -122,7 +122,8 @@ def run(ctx: StepContext) -> None:
         # budget, so every unit is shown the same prompts; only the answering model differs.
         parent_gen = (DeciTextGenerator(parent, ctx.parent_dir(), batch_size=ev.generation_batch_size)
                       if parent is not None else gen)
-        out["icl"] = icl_results(gen, ev.icl, _structure_predictor(ctx, parent_gen, dtype, device), parent_gen)
+        out["icl"] = icl_results(gen, ev.icl, _structure_predictor(ctx, parent_gen, dtype, device), parent_gen,
+                                 beams_cache=_beams_cache(ctx))
 
     out["lm_eval"] = None
     if ev.lm_eval_tasks:
@@ -132,6 +133,34 @@ def run(ctx: StepContext) -> None:
     ctx.store.put_json(eval_report_key(uid), out)
     log.info("evaluated %s in %.1fs: kl %.4f, ppl %.2f", uid, out["seconds"], out["quality"]["kl"],
              out["quality"]["perplexity"])
+
+
+def _beams_cache(ctx: StepContext):
+    """The structure predictor's beams per query, kept in the run (``eval/icl-beams/``) under a digest of the
+    ICL config, the parent and the dataset: the first evaluate unit generates them, every later one (and a
+    retry) reads them, so the parent predicts each query's programs once per run instead of once per model.
+    A record that does not match its key or its shape is generated again, never used."""
+    import hashlib
+    import json
+
+    icl = ctx.config.eval.icl.model_dump(mode="json")
+
+    def cached(name: str, compute):
+        ident = {"icl": icl, "dataset": name, "parent": ctx.config.parent.uri}
+        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+        key = icl_beams_key(digest)
+        if ctx.store.exists(key):
+            rec = ctx.store.get_json(key)
+            beams = rec.get("beams") if isinstance(rec, dict) and rec.get("ident") == ident else None
+            if isinstance(beams, list) and all(isinstance(b, list) and all(isinstance(x, str) for x in b)
+                                                for b in beams):
+                return beams
+            log.warning("%s does not match its ICL config or shape; generating the beams again", key)
+        beams = compute()
+        ctx.store.put_json(key, {"ident": ident, "beams": beams})
+        return beams
+
+    return cached
 
 
 def _structure_predictor(ctx: StepContext, parent_gen: DeciTextGenerator, dtype, device) -> DeciTextGenerator | None:
