@@ -93,3 +93,17 @@ def test_ci_installs_the_package_the_way_the_images_do():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     lines = [ln.strip() for ln in ci.splitlines() if not ln.strip().startswith("#")]
     assert "sh images/install.sh ." in lines
+
+
+def test_ci_runs_the_readme_test_command_and_the_readme_starts_with_two_commands():
+    """The README's first block is the install-and-run command and the test command; CI's last command is
+    exactly that test command (issue #19: the README's command must pass on a fresh machine as written)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(commands) == 2, commands
+    assert commands[0].endswith("puzzle run examples/tiny/puzzle.yaml"), commands[0]
+    ci = [ln.strip() for ln in (root / ".ci" / "run").read_text().splitlines()
+          if ln.strip() and not ln.strip().startswith("#")]
+    assert ci[-1] == commands[1].strip(), (ci[-1], commands[1])
