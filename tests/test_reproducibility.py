@@ -9,6 +9,7 @@ can fail).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -50,7 +51,10 @@ store: {{uri: "file://{store}"}}
 
 def _child_bytes(store: Path, run_id: str) -> dict[str, bytes]:
     child = store / run_id / "child" / "sol-0"
-    files = {p.relative_to(child).as_posix(): p.read_bytes() for p in sorted(child.rglob("*")) if p.is_file()}
+    # the store's checksum sidecars (.puzzle-sha256.*) follow from the files; complete.json's is the one that
+    # differs, with complete.json's assembly seconds
+    files = {p.relative_to(child).as_posix(): p.read_bytes() for p in sorted(child.rglob("*"))
+             if p.is_file() and not p.name.startswith(".puzzle-sha256.")}
     assert "model.safetensors" in files, sorted(files)
     return files
 
@@ -71,12 +75,25 @@ def test_same_config_seed_and_profiles_give_the_same_child_bit_for_bit(tmp_path,
     capsys.readouterr()
 
     a, b = open_store(f"file://{first}/a"), open_store(f"file://{second}/a")
-    assert a.get_json("solve/solutions.json") == b.get_json("solve/solutions.json")
-    # the second run measured nothing: every profile was the cached one
-    for key in a.list("profile"):
-        assert a.get_json(key) == b.get_json(key), key
+    # the solutions, all but how long the solver took
+    sols = [[{k: v for k, v in sol.items() if k != "seconds"} for sol in st.get_json("solve/solutions.json")]
+            for st in (a, b)]
+    assert sols[0] == sols[1] and sols[0]
+    # the second run measured nothing: every profile is the cached one, provenance aside
+    keys = a.list("profile")
+    assert keys and keys == b.list("profile")
+    assert any(a.get_json(k).get("cache") for k in keys), "the first run cached no profile"
+    for key in keys:
+        pa, pb = a.get_json(key), b.get_json(key)
+        if pa.get("cache"):  # measured and cached by the first run (no-op blocks cost zero, untimed)
+            assert pb.get("reused"), f"{key} was measured again, not reused"
+        drop = {"reused", "cache"}
+        assert {k: v for k, v in pa.items() if k not in drop} == {k: v for k, v in pb.items() if k not in drop}, key
     want, got = _child_bytes(first, "a"), _child_bytes(second, "a")
     assert want.keys() == got.keys()
+    # complete.json records how long assembly took (it must differ); every file it lists must not
+    completes = [json.loads(d.pop("complete.json")) for d in (want, got)]
+    assert completes[0]["files"] == completes[1]["files"] and completes[0]["files"]
     for name in want:
         assert want[name] == got[name], f"child file {name} differs between two runs of one config and seed"
     other = _child_bytes(third, "a")
