@@ -141,6 +141,21 @@ def test_memory_matches_hand_computed_bytes():
     assert nb["weight_bytes"] == 2 * (2 * VOCAB * HIDDEN + HIDDEN)  # embedding, untied head, final norm
 
 
+def test_rebuilds_keep_the_build_of_median_time():
+    """profile.rebuilds: the block is built and measured that many times (fresh weights and buffers each),
+    the record is the build whose total (prefill + generation decode) is the median of all, and it lists
+    every build's total."""
+    cfg = parent_model_config(llama_config(), "config.json")
+    sc = Scenario(name="cpu", batch_size=2, input_len=8, output_len=8, dtype="float32", device="cpu")
+    rec = profile_unit(cfg, "ffn", f"ffn_i{INTER}", sc, ProfileConfig(scenarios=[sc], warmup=1, repeats=3,
+                                                                      rebuilds=3))
+    totals = rec["rebuilds"]["totals_s"]
+    assert rec["rebuilds"]["count"] == 3 and totals == sorted(totals) and len(totals) == 3
+    assert rec["prefill_s"] + rec["decode_s"] == pytest.approx(totals[1])
+    one = profile_unit(cfg, "ffn", f"ffn_i{INTER}", sc, ProfileConfig(scenarios=[sc], warmup=1, repeats=3))
+    assert "rebuilds" not in one
+
+
 def test_roofline_estimate_by_hand():
     cfg = parent_model_config(llama_config(), "config.json")
     B, T, O = 4, 32, 8

@@ -79,6 +79,7 @@ def cache_key(cfg: ModelConfig, scenario: Scenario, settings: ProfileConfig, dev
                      "device": torch.device(scenario.device).type},
         "device": dev,
         "settings": {"warmup": settings.warmup, "repeats": settings.repeats, "decode_points": settings.decode_points,
+                     "rebuilds": settings.rebuilds,
                      "cuda_graphs": settings.cuda_graphs and device.type == "cuda",
                      "clock": "cuda_events" if device.type == "cuda" else cpu_clock(settings.cpu_clock)},
     }
