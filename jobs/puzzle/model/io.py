@@ -254,9 +254,7 @@ def parent_model_config(d: dict[str, Any], source: str) -> ModelConfig:
     for k in ("attention_bias", "mlp_bias"):
         if d.get(k):
             raise ModelLoadError(f"{source}: {k}: true is not supported (the nemotron-nas child has no biases)")
-    if mt == "qwen2":
-        # Qwen2 always has q/k/v biases; the weight check below catches them with the tensor names.
-        pass
+    # Qwen2 always has q/k/v biases (no config field says so): the weight check refuses them by tensor name.
     if d.get("hidden_act", "silu") != "silu":
         raise ModelLoadError(f"{source}: hidden_act {d.get('hidden_act')!r} is not allowed; allowed: 'silu'")
     sw = d.get("sliding_window")
