@@ -29,6 +29,7 @@ so ``puzzle.data`` and everything above may use it. torch and transformers are i
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -81,7 +82,7 @@ def _check_beams(num_beams: int, num_return_sequences: int) -> None:
         )
 
 
-class _Generator:
+class _Generator(abc.ABC):
     """Batching, left padding, the stop rule and decoding, shared by both adapters.
 
     Prompts are sorted by length so a batch pads little; answers go back in the caller's order. A batch holds
@@ -126,10 +127,10 @@ class _Generator:
         cut = next((k for k, t in enumerate(new_ids) if t in self._stop), len(new_ids))
         return self.tokenizer.decode(new_ids[: cut + 1], skip_special_tokens=True)
 
+    @abc.abstractmethod
     def _generate_ids(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, num_beams: int,
                       num_return_sequences: int) -> torch.Tensor:
-        """(B * R, T + new) token ids, the prompt first; implemented by each adapter."""
-        raise NotImplementedError
+        """(B * R, T + new) token ids, the prompt first; each adapter's own decoding."""
 
     def generate(
         self, prompts: list[str], max_new_tokens: int, num_beams: int = 1, num_return_sequences: int = 1
