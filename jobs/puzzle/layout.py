@@ -30,7 +30,22 @@ lifecycle (creating, opening, progress, publishing) is :mod:`puzzle.run`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+from collections.abc import Mapping
+from typing import Any
+
+#: 96 bits of sha256: collision-free for any realistic number of libraries, profile sets or ICL records
+DIGEST_CHARS = 24
+
+
+def digest_of(key: Mapping[str, Any]) -> str:
+    """The ``<digest>`` of a content-addressed key (``library/<digest>/``, ``profiles/<digest>/``,
+    ``eval/icl-beams/<digest>.json``): sha256 of the key as canonical JSON."""
+    blob = json.dumps(key, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:DIGEST_CHARS]
+
 
 CONFIG = "config.yaml"
 LIBRARY_RECORD = "library.json"

@@ -31,7 +31,6 @@ Use::
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from safetensors.torch import save as st_save
 from puzzle import layout
 from puzzle.config import PuzzleConfig, StoreConfig
 from puzzle.errors import UnitError
+from puzzle.layout import digest_of
 from puzzle.model import AttentionVariant, DeciLMForCausalLM, parse_name, split_name, weight_files
 from puzzle.run import runs_root_uri
 from puzzle.store import Store, open_store
@@ -55,7 +55,6 @@ RUN_RECORD_KEY = layout.LIBRARY_RECORD
 WEIGHTS_NAME = layout.LIBRARY_WEIGHTS
 META_NAME = layout.LIBRARY_META
 KEY_NAME = layout.LIBRARY_KEY
-_DIGEST_CHARS = 24  # 96 bits of sha256: collision-free for any realistic number of libraries
 _CHUNK = 1 << 22
 # BLD fields that do not change a block's weights (how units are cut and how often they checkpoint)
 _NOT_HASHED = ("stage_layers", "checkpoint_every")
@@ -100,11 +99,6 @@ def library_key(run_store: Store, config: PuzzleConfig, parent_dir: str | Path) 
         "data_sha256": data_sha256(run_store),
         "hyperparameters": hyperparameters(config),
     }
-
-
-def digest_of(key: Mapping[str, Any]) -> str:
-    blob = json.dumps(key, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    return hashlib.sha256(blob).hexdigest()[:_DIGEST_CHARS]
 
 
 def check_parent_unchanged(run_store: Store, parent_dir: str | Path) -> None:

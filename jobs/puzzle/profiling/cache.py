@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -40,6 +38,7 @@ import torch
 
 from puzzle import layout
 from puzzle.config import ProfileConfig, Scenario
+from puzzle.layout import digest_of
 from puzzle.model import AttentionVariant, FFNVariant, ModelConfig
 from puzzle.profiling.profiler import device_name, parse_variant, profile_unit, target_device
 from puzzle.profiling.throughput import unstable
@@ -51,7 +50,6 @@ log = logging.getLogger(__name__)
 #: Bumped whenever the meaning of a cached record changes (method, replicas, fields), so records of an
 #: older profiler are never mistaken for new ones.
 FORMAT_VERSION = 1
-_DIGEST_CHARS = 24  # 96 bits of sha256, as the block library
 
 
 def entry_name(kind: str, variant: AttentionVariant | FFNVariant | None) -> str:
@@ -83,11 +81,6 @@ def cache_key(cfg: ModelConfig, scenario: Scenario, settings: ProfileConfig, dev
                      "cuda_graphs": settings.cuda_graphs and device.type == "cuda",
                      "clock": "cuda_events" if device.type == "cuda" else cpu_clock(settings.cpu_clock)},
     }
-
-
-def digest_of(key: Mapping[str, Any]) -> str:
-    blob = json.dumps(key, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    return hashlib.sha256(blob).hexdigest()[:_DIGEST_CHARS]
 
 
 class ProfileCache:

@@ -39,7 +39,7 @@ from puzzle.evaluation import (
     throughput_figures,
 )
 from puzzle.generation import DeciTextGenerator
-from puzzle.layout import eval_report_key, icl_beams_key
+from puzzle.layout import digest_of, eval_report_key, icl_beams_key
 from puzzle.library import check_parent_unchanged
 from puzzle.model import DeciLMForCausalLM, ModelConfig, load_parent, load_pretrained
 from puzzle.model.io import torch_dtype
@@ -140,15 +140,11 @@ def _beams_cache(ctx: StepContext):
     ICL config, the parent and the dataset: the first evaluate unit generates them, every later one (and a
     retry) reads them, so the parent predicts each query's programs once per run instead of once per model.
     A record that does not match its key or its shape is generated again, never used."""
-    import hashlib
-    import json
-
     icl = ctx.config.eval.icl.model_dump(mode="json")
 
     def cached(name: str, compute):
         ident = {"icl": icl, "dataset": name, "parent": ctx.config.parent.uri}
-        digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
-        key = icl_beams_key(digest)
+        key = icl_beams_key(digest_of(ident))
         if ctx.store.exists(key):
             rec = ctx.store.get_json(key)
             beams = rec.get("beams") if isinstance(rec, dict) and rec.get("ident") == ident else None
