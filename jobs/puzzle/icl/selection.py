@@ -39,7 +39,8 @@ import functools
 import math
 import random
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,15 @@ def tokenize(text: str) -> list[str]:
     """Utterance words for BM25 and Cover-Utt: lower-cased, whitespace-separated."""
     return text.lower().split()
 
+
+
+def inverted(keys_per_item: Iterable[Iterable[Hashable]]) -> dict[Any, list[int]]:
+    """key -> the indices of the items holding it, in item order (a missing key reads as no items)."""
+    out: dict[Any, list[int]] = defaultdict(list)
+    for i, keys in enumerate(keys_per_item):
+        for k in keys:
+            out[k].append(i)
+    return out
 
 class BM25:
     """Okapi BM25 over token lists (repeats count, in the documents and in the query).
@@ -130,14 +140,8 @@ class DemonstrationSelector:
         self.word_units = [frozenset(Structure(1, w) for w in ws) for ws in self.words]
         self.templates = [str(anonymize(it.program_tree)) for it in self.pool]
         self.structures = [fragment_structures(it.program_tree, max_structure_size) for it in self.pool]
-        self.by_structure: dict[Structure, list[int]] = defaultdict(list)
-        for i, ss in enumerate(self.structures):
-            for s in ss:
-                self.by_structure[s].append(i)
-        self.by_word: dict[str, list[int]] = defaultdict(list)
-        for i, ws in enumerate(self.words):
-            for w in ws:
-                self.by_word[w].append(i)
+        self.by_structure: dict[Structure, list[int]] = inverted(self.structures)
+        self.by_word: dict[str, list[int]] = inverted(self.words)
 
     # --------------------------------------------------------------------------- helpers
 
@@ -281,17 +285,9 @@ class PaperSelector:
         self.structures = [local_structures(t, n) for t in templates]
         self.words = [frozenset(tokenize(it.source)) for it in self.pool]
         self.word_units = [frozenset(Structure(1, w) for w in ws) for ws in self.words]
-        self.by_structure: dict[Structure, list[int]] = defaultdict(list)
-        for i, ss in enumerate(self.structures):
-            for st in ss:
-                self.by_structure[st].append(i)
-        self.by_word: dict[Structure, list[int]] = defaultdict(list)
-        for i, us in enumerate(self.word_units):
-            for u in us:
-                self.by_word[u].append(i)
-        self.same_template: dict[str, list[int]] = defaultdict(list)
-        for i, t in enumerate(self.templates):
-            self.same_template[t].append(i)
+        self.by_structure: dict[Structure, list[int]] = inverted(self.structures)
+        self.by_word: dict[Structure, list[int]] = inverted(self.word_units)
+        self.same_template: dict[str, list[int]] = inverted([t] for t in self.templates)
         # Utterance BM25 for the structure predictor's prompts, before any program is predicted.
         self.utterance_bm25 = BM25([tokenize(it.source) for it in self.pool])
 
