@@ -248,13 +248,7 @@ class Trainer:
             "parts": {n: {"curve": ps["curve"], "optimizer": ps["optimizer"] is not None}
                       for n, ps in state["parts"].items()}})
         assert small is not None, "load_state_dict: the state is needed on rank 0"
-        missing = sorted(set(self.parts) - set(small["parts"]))
-        if missing:
-            raise ValueError(f"checkpoint lacks parts {missing[:8]}; it belongs to another unit")
-        self.step = int(small["step"])
-        torch.set_rng_state(small["rng"]["cpu"])
-        if self.cuda and "cuda" in small["rng"]:
-            torch.cuda.set_rng_state(small["rng"]["cuda"], self.device)
+        self._restore_step_and_rng(small)
         for name, p in self.parts.items():
             ps = state["parts"][name] if state is not None and dist.is_main() else {"model": {}, "optimizer": {}}
             with_opt = p.optimizer is not None and small["parts"][name]["optimizer"]
@@ -263,13 +257,8 @@ class Trainer:
             p.curve = [list(x) for x in small["parts"][name]["curve"]]
             p.pending.clear()
 
-    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        """Inverse of :meth:`state_dict`. Sharded: a collective; ``state`` is read on rank 0 only (None
-        elsewhere)."""
-        if self.sharded:
-            self._load_full_state_dict(state)
-            return
-        assert state is not None
+    def _restore_step_and_rng(self, state: Mapping[str, Any]) -> None:
+        """The parts a checkpoint must name, its step and its RNG states (both load paths)."""
         missing = sorted(set(self.parts) - set(state["parts"]))
         if missing:
             raise ValueError(f"checkpoint lacks parts {missing[:8]}; it belongs to another unit")
@@ -277,6 +266,15 @@ class Trainer:
         torch.set_rng_state(state["rng"]["cpu"])
         if self.cuda and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        """Inverse of :meth:`state_dict`. Sharded: a collective; ``state`` is read on rank 0 only (None
+        elsewhere)."""
+        if self.sharded:
+            self._load_full_state_dict(state)
+            return
+        assert state is not None
+        self._restore_step_and_rng(state)
         for name, p in self.parts.items():
             ps = state["parts"][name]
             p.module.load_state_dict(ps["model"])
