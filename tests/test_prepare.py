@@ -62,7 +62,10 @@ def test_prepare_writes_shards_and_plans(tmp_path):
     assert [r["step"] for r in cost["steps"]][:2] == ["prepare", "bld"] and cost["estimate"] is True
     assert cost["steps"][1]["units"] == 2 and cost["steps"][1]["gpu_hours"] > 0
     prof = store.get_json("plan/profile.json")
-    assert {u["variant"] for u in prof} == set(variants["attention"]) | set(variants["ffn"]) | {"non_block"}
+    # a CPU scenario is one unit that measures every variant in turns (see puzzle.steps.profile)
+    assert [u["id"] for u in prof] == [u["scenario"] for u in prof] and all(u["kind"] == "scenario" for u in prof)
+    for u in prof:
+        assert [v["variant"] for v in u["variants"]] == variants["attention"] + variants["ffn"] + ["non_block"]
     assert store.get_json("plan/score.json") == [{"id": "score.l000-002", "layers": [0, 2]}]
     # a second run of the same unit is skipped by its done marker
     assert not run_step("prepare", run, {"id": "all"})

@@ -19,7 +19,7 @@ import torch
 from puzzle.config import ProfileConfig, Scenario, parse_config
 from puzzle.context import run_step
 from puzzle.errors import UnitError
-from puzzle.model import AttentionVariant, BlockConfig, FFNVariant, expand_search_space
+from puzzle.model import AttentionVariant, BlockConfig, FFNVariant
 from puzzle.model.io import parent_model_config
 from puzzle.profiling.engine import attended_length, decode_contexts
 from puzzle.profiling.profiler import (
@@ -68,31 +68,41 @@ def run(tmp_path: Path):
 
 
 def units(cfg) -> list[dict]:
-    """The profile units exactly as prepare plans them (every variant incl. the parent's, one non_block)."""
-    parent = parent_model_config(llama_config(), "config.json")
-    attn, ffn = expand_search_space(cfg.search_space, parent)
+    """The profile units exactly as prepare plans them: the CPU scenario as one unit of every variant
+    (incl. the parent's and non_block), the GPU scenario as one unit per variant."""
+    from puzzle.steps.prepare import plan_units
+
+    return plan_units(cfg, parent_model_config(llama_config(), "config.json"))["profile"]
+
+
+def pairs(us: list[dict]) -> list[tuple[str, str, str]]:
+    """(scenario, kind, variant) of every record the units write."""
     out = []
-    for sc in cfg.profile.scenarios:
-        for kind, variants in (("attention", attn), ("ffn", ffn)):
-            out += [{"id": f"{sc.name}.{v.name}", "scenario": sc.name, "kind": kind, "variant": v.name} for v in variants]
-        out.append({"id": f"{sc.name}.non_block", "scenario": sc.name, "kind": "non_block", "variant": "non_block"})
+    for u in us:
+        vs = u["variants"] if u["kind"] == "scenario" else [u]
+        out += [(u["scenario"], v["kind"], v["variant"]) for v in vs]
     return out
 
 
 def test_every_variant_profiled_on_cpu_writes_well_formed_json(run):
     run_uri, cfg = run
     us = units(cfg)
+    cpu_units = [u for u in us if u["scenario"] == "cpu-b2"]
+    assert len(cpu_units) == 1 and cpu_units[0]["kind"] == "scenario" and cpu_units[0]["id"] == "cpu-b2"
+    assert all(u["kind"] != "scenario" and u["id"] == f"gpu-b4.{u['variant']}" for u in us if u["scenario"] == "gpu-b4")
+    assert sorted(p[1:] for p in pairs(us) if p[0] == "cpu-b2") == sorted(p[1:] for p in pairs(us) if p[0] == "gpu-b4")
     for u in us:
         assert run_step("profile", run_uri, u)
     store = open_store(run_uri)
-    for u in us:
-        rec = store.get_json(f"profile/{u['scenario']}/{u['variant']}.json")
-        sc = next(s for s in cfg.profile.scenarios if s.name == u["scenario"])
-        assert (rec["kind"], rec["variant"], rec["scenario"]["name"]) == (u["kind"], u["variant"], sc.name)
+    sessions = set()
+    for scenario, kind, variant in pairs(us):
+        rec = store.get_json(f"profile/{scenario}/{variant}.json")
+        sc = next(s for s in cfg.profile.scenarios if s.name == scenario)
+        assert (rec["kind"], rec["variant"], rec["scenario"]["name"]) == (kind, variant, sc.name)
         assert rec["torch_version"] == torch.__version__
         assert rec["memory_bytes"] == rec["weight_bytes"] + rec["kv_bytes"]
         assert rec["decode_steps"] == sc.output_len - 1
-        noop = u["variant"].endswith("_noop")
+        noop = variant.endswith("_noop")
         if noop:
             assert rec["prefill_s"] == rec["decode_s"] == rec["weight_bytes"] == 0
             assert rec["stability"] == {"measured": False, "stable": True}
@@ -106,20 +116,53 @@ def test_every_variant_profiled_on_cpu_writes_well_formed_json(run):
             for p in rec["decode_points"]:
                 s = p["spread"]
                 assert s["min_s"] <= p["step_s"] <= s["max_s"] and s["repeats"] == 2
-            assert rec["prefill"]["min_s"] <= rec["prefill_s"] <= rec["prefill"]["max_s"]
             st = rec["stability"]  # each timing's spread, the worst one named, against the default bound
             spreads = [rec["prefill"]["rel_spread"]] + [p["spread"]["rel_spread"] for p in rec["decode_points"]]
             assert st["measured"] and st["rel_spread"] == max(spreads) and st["max_rel_spread"] == 0.75
             assert st["stable"] == all(x <= 0.75 for x in spreads) and st["attempts"] == 3
             assert st["worst"] == "prefill" or st["worst"].startswith("decode at context ")
+            # measured together, and scaled to the whole parent-shaped model timed in the same rounds
+            sessions.add(rec["method"]["interleaved"]["session"])
+            cal, raw = rec["calibration"], rec["uncalibrated"]
+            assert raw["prefill_s"] == rec["prefill"]["median_s"]
+            assert rec["prefill"]["min_s"] <= raw["prefill_s"] <= rec["prefill"]["max_s"]
+            assert math.isclose(rec["prefill_s"], raw["prefill_s"] * cal["prefill_factor"], rel_tol=1e-12)
+            assert math.isclose(rec["decode_s"], raw["decode_s"] * cal["decode_factor"], rel_tol=1e-12)
+            assert cal["generations"] == 2 and cal["whole_decode_s"] > 0
+            assert math.isclose(cal["decode_factor"], cal["whole_decode_s"] / cal["parts_decode_s"], rel_tol=1e-12)
         else:  # cuda:7 is absent here (and on any one-GPU machine): the roofline, labelled
             assert rec["estimate"] is True and "estimate" in rec["device"]
             assert rec["stability"] == {"measured": False, "stable": True}
+            assert "calibration" not in rec
+    assert len(sessions) == 1
+    # the calibrated parts of the parent add up to the whole model timed with them
+    prof = load_scenario_profile(store, "cpu-b2")
+    parent = parent_model_config(llama_config(), "config.json")
+    pred = predict(prof, parent.block_configs)
+    cal = store.get_json("profile/cpu-b2/non_block.json")["calibration"]
+    assert math.isclose(pred.decode_s, cal["whole_decode_s"], rel_tol=1e-9)
+    assert math.isclose(pred.prefill_s, cal["whole_prefill_s"], rel_tol=1e-9)
     # Metrics the framework wrote for the units
     prom = "".join(store.get_text(k) for k in store.list("metrics") if k.endswith(".prom"))
     assert "puzzle_profile_prefill_seconds" in prom and "puzzle_profile_decode_seconds" in prom
     # A retried unit is skipped (done marker), not re-measured.
     assert not run_step("profile", run_uri, us[0])
+
+
+def test_calibration_is_whole_model_time_over_the_parent_parts():
+    from puzzle.profiling.profiler import calibration
+
+    cfg = parent_model_config(llama_config(), "config.json")
+    a, f = cfg.block_configs[0].attention, cfg.block_configs[0].ffn
+    recs = {("non_block", None): {"prefill_s": 1.0, "decode_s": 2.0},
+            ("attention", a): {"prefill_s": 0.5, "decode_s": 3.0},
+            ("ffn", f): {"prefill_s": 0.25, "decode_s": 1.0}}
+    whole = [(9.0, 30.0), (4.5, 20.0), (5.0, 99.0)]  # medians: 5.0 s prefill, 30.0 s decode
+    cal = calibration(cfg, recs, whole)
+    parts_pre, parts_dec = 1.0 + LAYERS * 0.75, 2.0 + LAYERS * 4.0
+    assert (cal["parts_prefill_s"], cal["parts_decode_s"]) == (parts_pre, parts_dec)
+    assert cal["prefill_factor"] == 5.0 / parts_pre and cal["decode_factor"] == 30.0 / parts_dec
+    assert cal["generations"] == 3
 
 
 def test_memory_matches_hand_computed_bytes():
@@ -404,3 +447,37 @@ def test_cache_key_follows_device_shapes_and_settings_and_the_bound_is_the_reade
     assert cache.lookup("attn_g2", max_rel_spread=spread * 2 + 1e-12) == rec
     assert cache.lookup("attn_g2", max_rel_spread=spread / 2) is None
     assert cache.lookup("attn_g4", max_rel_spread=1e6) is None
+
+
+def test_a_scenario_unit_reuses_the_cache_only_as_the_whole_set_it_measured_together(tmp_path):
+    cfg = _two_runs(tmp_path)
+    pairs_ = CACHED_UNITS + [("attention", "attn_noop")]
+
+    def profile(run_uri: str, scenario: str) -> dict[str, dict]:
+        unit = {"id": scenario, "scenario": scenario, "kind": "scenario",
+                "variants": [{"kind": k, "variant": v} for k, v in pairs_]}
+        assert run_step("profile", run_uri, unit)
+        store = open_store(run_uri)
+        return {v: store.get_json(f"profile/{scenario}/{v}.json") for _, v in pairs_}
+
+    first = profile(create_run(cfg("cpu-b2"), run_id="set-1"), "cpu-b2")
+    session = first["attn_g2"]["method"]["interleaved"]["session"]
+    assert all(first[v]["method"]["interleaved"]["session"] == session for _, v in CACHED_UNITS)
+    assert all(first[v]["cache"]["written"] for _, v in CACHED_UNITS) and "cache" not in first["attn_noop"]
+    digest = first["attn_g2"]["cache"]["digest"]
+    root = open_store(f"file://{tmp_path / 'runs'}")
+    assert root.get_json(f"profiles/{digest}/key.json")["settings"]["interleaved"] is True
+
+    second = profile(create_run(cfg("cpu-b2"), run_id="set-2"), "cpu-b2")  # the whole set: reused
+    for _, v in CACHED_UNITS:
+        assert second[v]["reused"]["digest"] == digest
+        for f in ("prefill_s", "decode_s", "calibration", "uncalibrated", "method"):
+            assert second[v][f] == first[v][f], f
+
+    # one entry gone: the others are not mixed with a new measurement of it; all are measured again
+    root.delete(f"profiles/{digest}/attn_g2.json")
+    third = profile(create_run(cfg("cpu-b2"), run_id="set-3"), "cpu-b2")
+    sessions = {third[v]["method"]["interleaved"]["session"] for _, v in CACHED_UNITS}
+    assert len(sessions) == 1 and session not in sessions
+    assert all(third[v]["reused"] is None for _, v in CACHED_UNITS)
+    assert root.get_json(f"profiles/{digest}/non_block.json")["method"]["interleaved"]["session"] in sessions

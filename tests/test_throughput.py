@@ -134,6 +134,28 @@ def test_predicted_vs_measured_on_cpu_within_a_sanity_bound():
         assert meas.tokens_per_s == pytest.approx(4 * 24 / (meas.prefill_s + meas.decode_s))
 
 
+def test_measure_interleaved_takes_the_models_generations_in_turns(monkeypatch):
+    """Two real models, measured for real; a spy on the generation records the order the engines ran in."""
+    from puzzle.profiling import bench
+
+    sc = Scenario(name="cpu-b2", batch_size=2, input_len=8, output_len=4)
+    a, b = DeciLMForCausalLM(tiny_cfg(PARENT)).eval(), DeciLMForCausalLM(tiny_cfg(CHILD)).eval()
+    order: list[int] = []
+    real = bench._Generation.once
+
+    def spy(self):
+        order.append(id(self.model))
+        return real(self)
+
+    monkeypatch.setattr(bench._Generation, "once", spy)
+    ma, mb = bench.measure_interleaved([a, b], sc, warmup=1, repeats=3, clock="thread_cpu")
+    assert order == [id(a), id(b)] * 4  # warm-up then three timed rounds, A B A B ...
+    assert ma.repeats == mb.repeats == 3 and ma.clock == "thread_cpu"
+    assert ma.weight_bytes > mb.weight_bytes  # the child is smaller, each measured as itself
+    with pytest.raises(ValueError, match="models: an empty list"):
+        bench.measure_interleaved([], sc)
+
+
 def test_measure_refuses_an_absent_device():
     m = DeciLMForCausalLM(tiny_cfg(PARENT[:1])).eval()
     if torch.cuda.device_count() > 7:

@@ -118,10 +118,11 @@ def throughput_figures(
     prediction of the throughput model, side by side. A scenario whose device is absent here is
     reported with ``measured: null`` and the reason, never with a guess.
 
-    ``reference`` (the parent) is measured right after the model, in the same process, so
-    ``paired_speedup`` compares the two under the same conditions: on a shared CPU, units measured
-    at different times see different loads, and a ratio across units would carry that noise."""
-    from puzzle.profiling.bench import measure_throughput
+    ``reference`` (the parent) is measured with the model, their generations taken in turns
+    (:func:`puzzle.profiling.bench.measure_interleaved`), so ``paired_speedup`` compares the two under
+    the same conditions: on a shared CPU the speed drifts between units, and within one unit by more
+    than a child differs from its neighbour, so a ratio of models timed apart would carry that drift."""
+    from puzzle.profiling.bench import measure_interleaved
     from puzzle.profiling.profiler import target_device
     from puzzle.profiling.timing import cpu_clock
 
@@ -134,13 +135,14 @@ def throughput_figures(
             out[sc.name] = {"predicted": pred, "measured": None,
                             "reason": f"device {sc.device!r} is absent on this machine"}
             continue
-        m = measure_throughput(model, sc, warmup=settings.warmup, repeats=settings.repeats,
-                               cuda_graphs=settings.cuda_graphs, seed=seed, clock=clock).to_dict()
+        got = measure_interleaved([model] if reference is None else [model, reference], sc,
+                                  warmup=settings.warmup, repeats=settings.repeats,
+                                  cuda_graphs=settings.cuda_graphs, seed=seed, clock=clock)
+        m = got[0].to_dict()
         ratio = m["tokens_per_s"] / pred["tokens_per_s"] if pred and pred.get("tokens_per_s") else None
         out[sc.name] = {"predicted": pred, "measured": m, "measured_over_predicted": ratio}
         if reference is not None:
-            ref = measure_throughput(reference, sc, warmup=settings.warmup, repeats=settings.repeats,
-                                     cuda_graphs=settings.cuda_graphs, seed=seed, clock=clock).to_dict()
+            ref = got[1].to_dict()
             out[sc.name]["reference_measured"] = ref
             out[sc.name]["paired_speedup"] = m["tokens_per_s"] / ref["tokens_per_s"]
     return out

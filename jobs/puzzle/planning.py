@@ -354,16 +354,20 @@ def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], 
     prof_s, prof_units = 0.0, 0
     reps = config.profile.warmup + config.profile.repeats
     for sc in config.profile.scenarios:
+        cpu = sc.device.split(":")[0] == "cpu"
         for kind, names in (("attention", attention), ("ffn", ffn)):
             for name in names:
                 v = parse_name(name, cfg.hidden_size)[0]
                 est = estimate_costs(kind, v, cfg, sc.batch_size, sc.input_len, sc.output_len, sc.dtype,
                                      sc.device, config.profile.estimate_peak_tflops,
                                      config.profile.estimate_bandwidth_gbps)
-                # prefill and decode_points steps, each repeated, on a stack of replicas as deep as the model
-                prof_s += reps * n * (est["prefill_s"] + config.profile.decode_points * est["decode_s"] / sc.output_len)
-                prof_units += 1
-        prof_units += 1  # non_block
+                # prefill and decode_points steps, each repeated, on a stack of replicas as deep as the
+                # model, once per build
+                prof_s += config.profile.rebuilds * reps * n * (
+                    est["prefill_s"] + config.profile.decode_points * est["decode_s"] / sc.output_len)
+                prof_units += 0 if cpu else 1
+        # non_block, or (CPU) the one unit of the scenario, which also times whole-model generations
+        prof_units += 1
     rows.append(StepCost("profile", prof_units, True, 0.0, prof_s / 3600 + prof_units * 20 / 3600,
                          "roofline times x repetitions, plus ~20 s of start-up and graph capture per unit"))
 

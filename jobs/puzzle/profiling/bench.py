@@ -9,6 +9,8 @@ loop separately (CUDA events on GPU, the wall clock on CPU unless ``clock="threa
     tokens/s = batch * output_len / (prefill_s + decode_s)
 
 It is what ``puzzle bench throughput`` prints and what evaluation reports as measured throughput.
+``measure_interleaved(models, scenario)`` times several models with their generations taken in turns
+(a child and its parent, in evaluation), so their ratio carries no drift of the machine's speed.
 
 Optional vLLM backend: where vLLM is installed (a cluster image may have it),
 ``measure_throughput_vllm(model_dir, scenario)`` serves the same directory with vLLM's offline
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -94,80 +97,121 @@ def _prepare(model: DeciLMForCausalLM | str | Path, scenario: Scenario, device: 
     return model.eval()
 
 
-@torch.no_grad()
-def measure_throughput(model: DeciLMForCausalLM | str | Path, scenario: Scenario, warmup: int = 1,
-                       repeats: int = 3, cuda_graphs: bool = True, seed: int = 0, clock: str = "wall") -> Measurement:
-    """Measure greedy generation of ``scenario`` (batch x input_len prompts, output_len new tokens).
+class _Generation:
+    """One model's engine, ready to time greedy generations of ``scenario`` (CUDA graphs captured)."""
 
-    ``model``: a loaded model (copied to the scenario's device and dtype when it differs) or a model
-    directory (Llama-layout parent or nemotron-nas child). Raises DeviceAbsentError when the
-    scenario's device is not here. ``clock`` (CPU): "wall" (what a user waits) or "thread_cpu" (the
-    calling thread's CPU time, deaf to other processes; meaningful with one torch thread only).
+    def __init__(self, model: DeciLMForCausalLM | str | Path, scenario: Scenario, device: torch.device,
+                 cuda_graphs: bool, seed: int, clock: str) -> None:
+        self.scenario, self.device, self.now = scenario, device, host_clock(clock)
+        self.clock = "cuda_events" if device.type == "cuda" else clock
+        self.model = _prepare(model, scenario, device)
+        B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, self.model.config.vocab_size, (B, T), generator=gen).to(device)
+        self.engine = InferenceEngine(self.model, B, T + O, cuda_graphs=cuda_graphs)
+        self.engine.set_prompt(ids)
+        self.engine.capture(T, O)
+        self.contexts = decode_contexts(T, O)
+        self.runs: list[tuple[float, float]] = []
+
+    def once(self) -> tuple[float, float]:
+        """(prefill seconds, decode seconds) of one generation."""
+        eng = self.engine
+        if self.device.type == "cuda":
+            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+            e0.record()
+            eng.prefill()
+            e1.record()
+            for c in self.contexts:
+                eng.decode(c)
+            e2.record()
+            e2.synchronize()
+            return e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
+        t0 = self.now()
+        eng.prefill()
+        t1 = self.now()
+        for c in self.contexts:
+            eng.decode(c)
+        return t1 - t0, self.now() - t1
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def measurement(self) -> Measurement:
+        """The median of the timed generations (``self.runs``)."""
+        runs, sc = self.runs, self.scenario
+        totals = [p + d for p, d in runs]
+        mid = sorted(range(len(runs)), key=lambda i: totals[i])[len(runs) // 2]  # the median generation
+        prefill_s, decode_s = runs[mid]
+        counts = model_counts(self.model.config)
+        weight = counts.weight_bytes(sc.dtype)
+        kv = counts.kv_cache_bytes(sc.batch_size, sc.input_len + sc.output_len, sc.dtype)
+        return Measurement(
+            tokens_per_s=sc.batch_size * sc.output_len / (prefill_s + decode_s),
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            decode_step_s=decode_s / max(len(self.contexts), 1),
+            memory_bytes=weight + kv,
+            weight_bytes=weight,
+            kv_bytes=kv,
+            device=device_name(self.device),
+            torch_version=torch.__version__,
+            repeats=len(runs),
+            cuda_graphs=self.engine.use_graphs,
+            total_spread=spread_of(summarize(totals)),
+            scenario=sc.model_dump(mode="json"),
+            threads=torch.get_num_threads(),
+            clock=self.clock,
+        )
+
+
+@torch.no_grad()
+def measure_interleaved(models: Sequence[DeciLMForCausalLM | str | Path], scenario: Scenario, warmup: int = 1,
+                        repeats: int = 3, cuda_graphs: bool = True, seed: int = 0, clock: str = "wall"
+                        ) -> list[Measurement]:
+    """Measure several models on ``scenario`` with their generations interleaved (A B C A B C ...).
+
+    Each model gets ``repeats`` timed generations (after ``warmup``), taken in turns, so every model sees
+    the same spread of machine states: on a shared CPU the speed drifts within seconds by more than two
+    children differ, and models timed one after the other would carry that drift into their ratio.
+    Returns one :class:`Measurement` per model, in order. Raises DeviceAbsentError when the scenario's
+    device is not here. ``clock`` (CPU): "wall" (what a user waits) or "thread_cpu" (the calling
+    thread's CPU time, deaf to other processes; meaningful with one torch thread only).
     """
     device = target_device(scenario)
     if device is None:
         raise DeviceAbsentError(f"scenario {scenario.name!r}: device {scenario.device!r} is not present on this machine")
     if repeats < 1:
         raise ValueError(f"repeats: {repeats} is not allowed; must be >= 1")
-    now = host_clock(clock)
-    m = _prepare(model, scenario, device)
-    B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, m.config.vocab_size, (B, T), generator=gen).to(device)
-    eng = InferenceEngine(m, B, T + O, cuda_graphs=cuda_graphs)
-    eng.set_prompt(ids)
-    eng.capture(T, O)
-    contexts = decode_contexts(T, O)
-
-    def once() -> tuple[float, float]:
-        if device.type == "cuda":
-            e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-            e0.record()
-            eng.prefill()
-            e1.record()
-            for c in contexts:
-                eng.decode(c)
-            e2.record()
-            e2.synchronize()
-            return e0.elapsed_time(e1) / 1e3, e1.elapsed_time(e2) / 1e3
-        t0 = now()
-        eng.prefill()
-        t1 = now()
-        for c in contexts:
-            eng.decode(c)
-        return t1 - t0, now() - t1
-
+    if not models:
+        raise ValueError("models: an empty list is not allowed; give at least one model")
+    host_clock(clock)  # refuse an unknown clock before any work
+    gens: list[_Generation] = []
     try:
+        for m in models:
+            gens.append(_Generation(m, scenario, device, cuda_graphs, seed, clock))
         for _ in range(max(warmup, 0)):
-            once()
+            for g in gens:
+                g.once()
         synchronize(device)
-        runs = [once() for _ in range(repeats)]
+        for _ in range(repeats):
+            for g in gens:
+                g.runs.append(g.once())
     finally:
-        eng.close()
-    totals = [p + d for p, d in runs]
-    mid = sorted(range(repeats), key=lambda i: totals[i])[repeats // 2]  # the median generation
-    prefill_s, decode_s = runs[mid]
-    counts = model_counts(m.config)
-    weight = counts.weight_bytes(scenario.dtype)
-    kv = counts.kv_cache_bytes(B, T + O, scenario.dtype)
-    spread = spread_of(summarize(totals))
-    return Measurement(
-        tokens_per_s=B * O / (prefill_s + decode_s),
-        prefill_s=prefill_s,
-        decode_s=decode_s,
-        decode_step_s=decode_s / max(len(contexts), 1),
-        memory_bytes=weight + kv,
-        weight_bytes=weight,
-        kv_bytes=kv,
-        device=device_name(device),
-        torch_version=torch.__version__,
-        repeats=repeats,
-        cuda_graphs=eng.use_graphs,
-        total_spread=spread,
-        scenario=scenario.model_dump(mode="json"),
-        threads=torch.get_num_threads(),
-        clock="cuda_events" if device.type == "cuda" else clock,
-    )
+        for g in gens:
+            g.close()
+    return [g.measurement() for g in gens]
+
+
+def measure_throughput(model: DeciLMForCausalLM | str | Path, scenario: Scenario, warmup: int = 1,
+                       repeats: int = 3, cuda_graphs: bool = True, seed: int = 0, clock: str = "wall") -> Measurement:
+    """Measure greedy generation of ``scenario`` (batch x input_len prompts, output_len new tokens).
+
+    ``model``: a loaded model (copied to the scenario's device and dtype when it differs) or a model
+    directory (Llama-layout parent or nemotron-nas child). Raises DeviceAbsentError when the
+    scenario's device is not here. ``clock``: as in :func:`measure_interleaved`.
+    """
+    return measure_interleaved([model], scenario, warmup, repeats, cuda_graphs, seed, clock)[0]
 
 
 def measure_throughput_vllm(model_dir: str | Path, scenario: Scenario, repeats: int = 3, seed: int = 0) -> Measurement:

@@ -40,7 +40,13 @@ from puzzle import layout
 from puzzle.config import ProfileConfig, Scenario
 from puzzle.layout import digest_of
 from puzzle.model import AttentionVariant, FFNVariant, ModelConfig
-from puzzle.profiling.profiler import device_name, parse_variant, profile_unit, target_device
+from puzzle.profiling.profiler import (
+    device_name,
+    parse_variant,
+    profile_scenario,
+    profile_unit,
+    target_device,
+)
 from puzzle.profiling.throughput import unstable
 from puzzle.profiling.timing import cpu_clock
 from puzzle.store import Store
@@ -49,7 +55,7 @@ log = logging.getLogger(__name__)
 
 #: Bumped whenever the meaning of a cached record changes (method, replicas, fields), so records of an
 #: older profiler are never mistaken for new ones.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: CPU scenarios measured interleaved in one unit, calibrated to the whole model
 
 
 def entry_name(kind: str, variant: AttentionVariant | FFNVariant | None) -> str:
@@ -61,8 +67,11 @@ def entry_name(kind: str, variant: AttentionVariant | FFNVariant | None) -> str:
     return variant.name
 
 
-def cache_key(cfg: ModelConfig, scenario: Scenario, settings: ProfileConfig, device: torch.device) -> dict[str, Any]:
-    """What the digest of a profile-cache root is computed from (see the module docstring)."""
+def cache_key(cfg: ModelConfig, scenario: Scenario, settings: ProfileConfig, device: torch.device,
+              interleaved: bool = False) -> dict[str, Any]:
+    """What the digest of a profile-cache root is computed from (see the module docstring). Records of a
+    scenario measured interleaved (:func:`puzzle.profiling.profiler.profile_scenario`) live under their
+    own digest: they are calibrated, and only reused as the whole set they were measured in."""
     dev: dict[str, Any] = {"name": device_name(device), "torch": torch.__version__}
     if device.type == "cuda":
         dev["cuda"] = torch.version.cuda
@@ -79,7 +88,8 @@ def cache_key(cfg: ModelConfig, scenario: Scenario, settings: ProfileConfig, dev
         "settings": {"warmup": settings.warmup, "repeats": settings.repeats, "decode_points": settings.decode_points,
                      "rebuilds": settings.rebuilds,
                      "cuda_graphs": settings.cuda_graphs and device.type == "cuda",
-                     "clock": "cuda_events" if device.type == "cuda" else cpu_clock(settings.cpu_clock)},
+                     "clock": "cuda_events" if device.type == "cuda" else cpu_clock(settings.cpu_clock),
+                     **({"interleaved": True} if interleaved else {})},
     }
 
 
@@ -134,12 +144,7 @@ def profile_unit_cached(cfg: ModelConfig, kind: str, name: str, scenario: Scenar
     entry = entry_name(kind, variant)
     hit = cache.lookup(entry, settings.max_rel_spread)
     if hit is not None:
-        rec = copy.deepcopy(hit)
-        rec.pop("cache", None)
-        rec["scenario"] = scenario.model_dump(mode="json")
-        rec["variant"] = name
-        rec["reused"] = {"from": f"{cache.uri}/{layout.profile_cache_entry(entry)}", "digest": cache.digest,
-                         "measured_by": hit.get("measured_by")}
+        rec = _reused(hit, cache, entry, scenario, name)
         log.info("profile %s/%s: reused %s", scenario.name, name, rec["reused"]["from"])
         return rec
     rec = profile_unit(cfg, kind, name, scenario, settings, seed=seed)
@@ -151,3 +156,53 @@ def profile_unit_cached(cfg: ModelConfig, kind: str, name: str, scenario: Scenar
     rec["cache"] = {"digest": cache.digest, "written": written,
                     "uri": f"{cache.uri}/{layout.profile_cache_entry(entry)}"}
     return rec
+
+
+def _reused(hit: Mapping[str, Any], cache: ProfileCache, entry: str, scenario: Scenario, name: str) -> dict[str, Any]:
+    rec = copy.deepcopy(dict(hit))
+    rec.pop("cache", None)
+    rec["scenario"] = scenario.model_dump(mode="json")
+    rec["variant"] = name
+    rec["reused"] = {"from": f"{cache.uri}/{layout.profile_cache_entry(entry)}", "digest": cache.digest,
+                     "measured_by": hit.get("measured_by")}
+    return rec
+
+
+def profile_scenario_cached(cfg: ModelConfig, units: list[tuple[str, str]], scenario: Scenario,
+                            settings: ProfileConfig, root: Store | None, seed: int = 0,
+                            origin: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """``profile_scenario`` through the cache at ``root``: reused only as a whole set.
+
+    The records of an interleaved measurement are comparable with each other (same rounds, same
+    calibration), not with records of another session. So the cache is read only when every measured
+    variant has a stable entry and all of them come from one session; otherwise every variant is
+    measured again, together, and (when all are stable) the whole set is written.
+    """
+    device = target_device(scenario)
+    if root is None or not settings.reuse or device is None:
+        return profile_scenario(cfg, units, scenario, settings, seed=seed)
+    cache = ProfileCache(root, cache_key(cfg, scenario, settings, device, interleaved=True))
+    variants = [(kind, name, parse_variant(kind, name, cfg)) for kind, name in units]
+    measured = [(kind, name, v) for kind, name, v in variants if not (v is not None and v.no_op)]
+    hits = {entry_name(k, v): cache.lookup(entry_name(k, v), settings.max_rel_spread) for k, _, v in measured}
+    sessions = {((h.get("method") or {}).get("interleaved") or {}).get("session") for h in hits.values() if h}
+    if hits and all(hits.values()) and len(sessions) == 1 and None not in sessions:
+        log.info("profile %s: reused %d interleaved records of session %s from %s", scenario.name, len(hits),
+                 sessions.pop(), cache.uri)
+        reused = {name: _reused(hits[entry_name(k, v)], cache, entry_name(k, v), scenario, name)
+                  for k, name, v in measured}
+        return [reused[name] if name in reused else profile_unit(cfg, kind, name, scenario, settings, seed=seed)
+                for kind, name, _ in variants]
+    recs = profile_scenario(cfg, units, scenario, settings, seed=seed)
+    stamp = {**(origin or {}), "at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+    written = all(r["stability"]["stable"] for r in recs)  # a partial or unstable set must not be reused
+    for (kind, name, v), rec in zip(variants, recs):
+        if v is not None and v.no_op:
+            continue
+        rec["measured_by"] = stamp
+        if written:
+            cache.save(entry_name(kind, v), rec)
+        rec["reused"] = None
+        rec["cache"] = {"digest": cache.digest, "written": written,
+                        "uri": f"{cache.uri}/{layout.profile_cache_entry(entry_name(kind, v))}"}
+    return recs

@@ -23,6 +23,8 @@ worst spread and which timing it was. Solve refuses a record that never did.
 from __future__ import annotations
 
 import platform
+import statistics
+import uuid
 from typing import Any
 
 import torch
@@ -208,18 +210,17 @@ def parse_variant(kind: str, name: str, cfg: ModelConfig) -> AttentionVariant | 
     return v
 
 
-def profile_unit(cfg: ModelConfig, kind: str, name: str, scenario: Scenario, settings: ProfileConfig,
-                 seed: int = 0) -> dict[str, Any]:
-    """The profile record of one (variant, scenario): measured where the device is present, else estimated."""
-    variant = parse_variant(kind, name, cfg)
+def _unmeasured(cfg: ModelConfig, kind: str, name: str, variant: Any, scenario: Scenario,
+                settings: ProfileConfig) -> tuple[dict[str, Any], torch.device | None, bool]:
+    """(record base, device, done): ``done`` when nothing is timed (a no_op, or an estimate when the
+    scenario's device is absent), and then the record is complete."""
     counts = _counts(kind, variant, cfg)
     rec = _record_base(kind, name, cfg, scenario, counts)
     B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
     device = target_device(scenario)
     bucket = decode_bucket(scenario.device)
     pts = decode_points(T, O, settings.decode_points)
-    is_noop = variant is not None and variant.no_op
-    if is_noop:
+    if variant is not None and variant.no_op:
         rec.update({"device": device_name(device) if device is not None else "none", "estimate": False,
                     "method": {"kind": "identity: a no_op sub-block runs no kernels"},
                     "prefill_s": 0.0, "prefill": None,
@@ -227,7 +228,7 @@ def profile_unit(cfg: ModelConfig, kind: str, name: str, scenario: Scenario, set
                                       for c in pts],
                     "decode_fit": {"intercept_s": 0.0, "per_attended_slot_s": 0.0},
                     "decode_s": 0.0, "decode_step_s": 0.0, "stability": dict(NOT_MEASURED)})
-        return rec
+        return rec, device, True
     if device is None:
         est = estimate_costs(kind, variant, cfg, B, T, O, scenario.dtype, scenario.device,
                              settings.estimate_peak_tflops, settings.estimate_bandwidth_gbps)
@@ -238,27 +239,200 @@ def profile_unit(cfg: ModelConfig, kind: str, name: str, scenario: Scenario, set
                     "prefill_s": est["prefill_s"], "prefill": None, "decode_points": dp,
                     "decode_fit": None, "decode_s": est["decode_s"], "decode_step_s": est["decode_s"] / O,
                     "prefill_flops": est["prefill_flops"], "stability": dict(NOT_MEASURED)})
-        return rec
-    # profile.rebuilds: the block built afresh (new weights, new buffers) and measured again; the build
-    # of median total time is kept. On a CPU a small block's time moves between builds (where its
-    # tensors land in memory) by more than between the repeats of one build.
-    builds = []
-    for r in range(settings.rebuilds):
-        m = measure_unit(cfg, kind, variant, scenario, settings, device, pts, seed + r)
-        fa, fb = fit_decode([(p["attended"], p["step_s"]) for p in m["decode_points"]],
-                            linear=kind == "attention" and counts.kv_heads > 0)
-        d = generation_decode_s(fa, fb, T, O, T + O, bucket)
-        builds.append((m["prefill"]["median_s"] + d, r, m, fa, fb, d))
-    builds.sort(key=lambda t: (t[0], t[1]))
+        return rec, device, True
+    return rec, device, False
+
+
+# One build's measurement: (prefill + decode total, build index, measure_unit's dict, fit a, fit b, decode_s)
+_Build = tuple[float, int, dict[str, Any], float, float, float]
+
+
+def _measure_build(cfg: ModelConfig, kind: str, variant: Any, scenario: Scenario, settings: ProfileConfig,
+                   device: torch.device, r: int, seed: int) -> _Build:
+    T, O = scenario.input_len, scenario.output_len
+    m = measure_unit(cfg, kind, variant, scenario, settings, device,
+                     decode_points(T, O, settings.decode_points), seed + r)
+    fa, fb = fit_decode([(p["attended"], p["step_s"]) for p in m["decode_points"]],
+                        linear=kind == "attention" and _counts(kind, variant, cfg).kv_heads > 0)
+    d = generation_decode_s(fa, fb, T, O, T + O, decode_bucket(device))
+    return (m["prefill"]["median_s"] + d, r, m, fa, fb, d)
+
+
+def _finish(rec: dict[str, Any], builds: list[_Build], settings: ProfileConfig, device: torch.device) -> dict[str, Any]:
+    """Complete a measured record from its builds: the build of median total time is kept."""
+    builds = sorted(builds, key=lambda t: (t[0], t[1]))
     _, _, measured, a, b, decode_s = builds[len(builds) // 2]
     if len(builds) > 1:
         rec["rebuilds"] = {"count": len(builds), "totals_s": [t[0] for t in builds], "kept": "median"}
+    O = rec["scenario"]["output_len"]
     rec.update({"device": device_name(device), "estimate": False, "method": measured["method"],
                 "prefill_s": measured["prefill"]["median_s"], "prefill": measured["prefill"],
                 "decode_points": measured["decode_points"],
                 "decode_fit": {"intercept_s": a, "per_attended_slot_s": b},
                 "decode_s": decode_s, "decode_step_s": decode_s / O, "stability": stability(measured, settings)})
     return rec
+
+
+def profile_unit(cfg: ModelConfig, kind: str, name: str, scenario: Scenario, settings: ProfileConfig,
+                 seed: int = 0) -> dict[str, Any]:
+    """The profile record of one (variant, scenario): measured where the device is present, else estimated."""
+    variant = parse_variant(kind, name, cfg)
+    rec, device, done = _unmeasured(cfg, kind, name, variant, scenario, settings)
+    if done:
+        return rec
+    assert device is not None
+    # profile.rebuilds: the block built afresh (new weights, new buffers) and measured again; the build
+    # of median total time is kept. On a CPU a small block's time moves between builds (where its
+    # tensors land in memory) by more than between the repeats of one build.
+    builds = [_measure_build(cfg, kind, variant, scenario, settings, device, r, seed) for r in range(settings.rebuilds)]
+    return _finish(rec, builds, settings, device)
+
+
+def profile_scenario(cfg: ModelConfig, units: list[tuple[str, str]], scenario: Scenario, settings: ProfileConfig,
+                     seed: int = 0, calibrate: bool | None = None) -> list[dict[str, Any]]:
+    """The profile records of every (kind, variant) in ``units`` on one scenario, measured in one process
+    with the variants taken in turns: ``profile.rebuilds`` rounds, each building and timing every
+    variant once, the median build of each kept.
+
+    On a shared CPU the machine's speed drifts within minutes by more than two variants differ (one
+    block's time moved by up to 35% between separate processes on a 2-core VM): variants measured one
+    unit at a time would each carry a different draw of it, and the solver would rank noise. Taken in
+    turns, every variant sees the same spread of machine states.
+
+    ``calibrate`` (default: on a CPU, where the parent fits in :data:`_CALIBRATE_BYTES`) also times the
+    whole parent-shaped model (random weights, the engine of a measurement) in every round, and scales
+    every record's prefill and decode seconds by whole-model time over the sum of its parts, measured
+    together. A block stack of one variant has a smaller working set than the whole model (on a CPU
+    whose caches hold a small model only in part, a block runs 7-16% faster alone than among the
+    others; measured on the tiny parent), which a sum of parts would otherwise miss. The factor is the
+    same for every variant, so it moves no solution and no predicted speedup, only tokens/s. The
+    unscaled seconds stay in ``uncalibrated``; ``calibration`` says how the factor was found.
+    """
+    records: list[dict[str, Any] | None] = []
+    todo: dict[tuple[str, Any], tuple[str, Any]] = {}  # (kind, variant) -> (name, variant) to measure
+    device: torch.device | None = None
+    for kind, name in units:
+        variant = parse_variant(kind, name, cfg)
+        rec, dev, done = _unmeasured(cfg, kind, name, variant, scenario, settings)
+        records.append(rec if done else None)
+        if not done:
+            device = dev
+            todo.setdefault((kind, variant), (name, variant))
+    if device is None:
+        return [r for r in records if r is not None]
+    if calibrate is None:
+        calibrate = device.type == "cpu" and _whole_bytes(cfg, scenario) <= _CALIBRATE_BYTES
+    if calibrate:  # the parts of the parent must be timed with the rest, requested or not
+        for kind, v in _parent_parts(cfg):
+            if not (v is not None and v.no_op):
+                todo.setdefault((kind, v), (v.name if v is not None else "non_block", v))
+    builds: dict[tuple[str, Any], list[_Build]] = {k: [] for k in todo}
+    whole: list[tuple[float, float]] = []
+    session = uuid.uuid4().hex[:12]
+    for r in range(settings.rebuilds):
+        for key, (_, v) in todo.items():
+            builds[key].append(_measure_build(cfg, key[0], v, scenario, settings, device, r, seed))
+        if calibrate:
+            whole += time_whole_model(cfg, scenario, device, cpu_clock(settings.cpu_clock), seed + r,
+                                      warmup=1 if r == 0 else 0, generations=_CALIBRATE_GENERATIONS)
+    done_recs: dict[tuple[str, Any], dict[str, Any]] = {}
+    for key, (name, v) in todo.items():
+        rec, _, _ = _unmeasured(cfg, key[0], name, v, scenario, settings)
+        done_recs[key] = _finish(rec, builds[key], settings, device)
+        done_recs[key]["method"]["interleaved"] = {"session": session, "rounds": settings.rebuilds,
+                                                   "variants": len(todo)}
+    if calibrate:
+        cal = calibration(cfg, done_recs, whole)
+        for rec in done_recs.values():
+            rec["uncalibrated"] = {"prefill_s": rec["prefill_s"], "decode_s": rec["decode_s"]}
+            rec["prefill_s"] *= cal["prefill_factor"]
+            rec["decode_s"] *= cal["decode_factor"]
+            rec["decode_step_s"] *= cal["decode_factor"]
+            rec["calibration"] = cal
+    out = []
+    for (kind, name), rec in zip(units, records):
+        if rec is None:
+            v = parse_variant(kind, name, cfg)
+            rec = dict(done_recs[(kind, v)], variant=name)
+        out.append(rec)
+    return out
+
+
+# Calibration: whole models up to this size (weights + KV cache) are timed; two generations a round.
+_CALIBRATE_BYTES = 8 * 2**30
+_CALIBRATE_GENERATIONS = 2
+
+
+def _parent_parts(cfg: ModelConfig) -> list[tuple[str, Any]]:
+    """(kind, variant) of the parent's non-block parts and of every distinct block variant it has."""
+    parts: list[tuple[str, Any]] = [("non_block", None)]
+    for b in cfg.block_configs:
+        for kind, v in (("attention", b.attention), ("ffn", b.ffn)):
+            if (kind, v) not in parts:
+                parts.append((kind, v))
+    return parts
+
+
+def _whole_bytes(cfg: ModelConfig, scenario: Scenario) -> int:
+    from puzzle.model import model_counts
+
+    c = model_counts(cfg)
+    return c.weight_bytes(scenario.dtype) + c.kv_cache_bytes(
+        scenario.batch_size, scenario.input_len + scenario.output_len, scenario.dtype)
+
+
+@torch.no_grad()
+def time_whole_model(cfg: ModelConfig, scenario: Scenario, device: torch.device, clock: str, seed: int,
+                     warmup: int, generations: int) -> list[tuple[float, float]]:
+    """(prefill s, decode s) of ``generations`` greedy generations of the scenario through the whole
+    parent-shaped model (random weights) on the measurements' engine, after ``warmup`` untimed ones."""
+    from puzzle.model import DeciLMForCausalLM
+    from puzzle.profiling.engine import InferenceEngine
+    from puzzle.profiling.timing import host_clock
+
+    torch.manual_seed(seed)
+    model = _init_(DeciLMForCausalLM(cfg).to(device=device, dtype=torch_dtype(scenario.dtype))).eval()
+    model.model.inv_freq = rope_inv_freq(cfg).to(device)
+    B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
+    eng = InferenceEngine(model, B, T + O, cuda_graphs=False)
+    eng.set_prompt(torch.randint(0, cfg.vocab_size, (B, T), device=device))
+    eng.capture(T, O)
+    now = host_clock(clock)
+    out = []
+    try:
+        for i in range(warmup + generations):
+            t0 = now()
+            eng.prefill()
+            t1 = now()
+            for c in decode_contexts(T, O):
+                eng.decode(c)
+            if i >= warmup:
+                out.append((t1 - t0, now() - t1))
+    finally:
+        eng.close()
+    return out
+
+
+def calibration(cfg: ModelConfig, recs: dict[tuple[str, Any], dict[str, Any]],
+                whole: list[tuple[float, float]]) -> dict[str, Any]:
+    """Whole-model prefill and decode seconds (medians of ``whole``) over the sum of the parent's parts
+    in ``recs`` (keyed by (kind, variant); no_op parts cost zero)."""
+    def part(kind: str, v: Any, field: str) -> float:
+        if v is not None and v.no_op:
+            return 0.0
+        return float(recs[(kind, v)][field])
+
+    sums = {}
+    for field in ("prefill_s", "decode_s"):
+        sums[field] = part("non_block", None, field) + sum(
+            part("attention", b.attention, field) + part("ffn", b.ffn, field) for b in cfg.block_configs)
+    pre = statistics.median(p for p, _ in whole)
+    dec = statistics.median(d for _, d in whole)
+    return {"kind": "whole parent-shaped model over the sum of its parts, measured in the same rounds",
+            "whole_prefill_s": pre, "whole_decode_s": dec, "generations": len(whole),
+            "parts_prefill_s": sums["prefill_s"], "parts_decode_s": sums["decode_s"],
+            "prefill_factor": pre / sums["prefill_s"] if sums["prefill_s"] > 0 else 1.0,
+            "decode_factor": dec / sums["decode_s"] if sums["decode_s"] > 0 else 1.0}
 
 
 @torch.no_grad()

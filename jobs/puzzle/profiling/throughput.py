@@ -188,11 +188,17 @@ def check_stable(records: Sequence[dict[str, Any]], max_rel_spread: float | None
     for r in bad:
         st = r["stability"]
         bound = max_rel_spread if max_rel_spread is not None else float(st["max_rel_spread"])
+        if (r.get("method") or {}).get("interleaved"):
+            # measured with the scenario's other variants: only together are they comparable
+            again = (f"re-run the scenario's profile (all its variants, together) on a quieter machine: "
+                     f"puzzle run --resume {run_uri} --redo profile")
+        else:
+            again = (f"re-run it on a quieter machine: puzzle step profile --run {run_uri} --unit "
+                     f"'{_unit_of(r)}' --force")
         lines.append(
             f"scenario {r['scenario']['name']!r}, variant {r['variant']!r}: its {st['worst']} timing has spread "
             f"(p90 - p10) / median = {float(st['rel_spread']):.3g} after {st['attempts']} attempt(s), above "
-            f"profile.max_rel_spread = {bound:.3g}; re-run it on a quieter machine: puzzle step profile "
-            f"--run {run_uri} --unit '{_unit_of(r)}' --force"
+            f"profile.max_rel_spread = {bound:.3g}; {again}"
         )
     raise UnstableProfileError(
         f"{len(bad)} profile(s) were never stable, so their timings cannot be trusted: " + "; ".join(lines)

@@ -46,10 +46,14 @@ def plan_units(config: PuzzleConfig, parent: ModelConfig) -> dict[str, Any]:
     bld = [p.unit() for p in stages if p.blocks]
     profile: list[dict] = []
     for sc in config.profile.scenarios:
-        for kind, variants in (("attention", attn), ("ffn", ffn)):
-            for v in variants:
-                profile.append({"id": f"{sc.name}.{v.name}", "scenario": sc.name, "kind": kind, "variant": v.name})
-        profile.append({"id": f"{sc.name}.non_block", "scenario": sc.name, "kind": "non_block", "variant": "non_block"})
+        pairs = [(kind, v.name) for kind, variants in (("attention", attn), ("ffn", ffn)) for v in variants]
+        pairs.append(("non_block", "non_block"))
+        if sc.device.split(":")[0] == "cpu":
+            # one process times them all, in turns (see puzzle.steps.profile)
+            profile.append({"id": sc.name, "scenario": sc.name, "kind": "scenario",
+                            "variants": [{"kind": k, "variant": n} for k, n in pairs]})
+        else:
+            profile += [{"id": f"{sc.name}.{n}", "scenario": sc.name, "kind": k, "variant": n} for k, n in pairs]
     n = parent.num_hidden_layers
     score = [{"id": f"score.l{a:03d}-{b:03d}", "layers": [a, b]} for a, b in _ranges(n, config.score.layers_per_unit)]
     return {
