@@ -1,9 +1,11 @@
 """Fidelity of the throughput model on this CPU: the tiny parent (examples/tiny/parent) and three mixed
 children on the tiny example's scenario (cpu-b8: batch 8, 64 in, 64 out, float32).
 
-Every variant the children use is profiled with ``profile_unit`` (what the ``profile`` step writes),
-then each model's tokens/s is predicted with ``predict`` and measured with ``measure_throughput``;
-the error is printed. Children get random weights of their variants' shapes (time does not depend on
+Every variant the children use is profiled with ``profile_scenario`` (what the ``profile`` step's CPU
+unit writes: all variants in turns, calibrated to the whole parent-shaped model), then each model's
+tokens/s is predicted with ``predict`` and measured with ``measure_interleaved`` (all models'
+generations in turns, as evaluation times a child with its parent); the error of tokens/s and of the
+speedup over the parent is printed. Children get random weights of their variants' shapes (time does not depend on
 the values). Run single-threaded, as the pods of a 2-core node would:
 
     python benchmarks/bench_throughput_cpu.py [--parent examples/tiny/parent] [--threads 1] [--rounds 3]
@@ -11,8 +13,8 @@ the values). Run single-threaded, as the pods of a 2-core node would:
 
 On a shared machine the wall clock measures the neighbours as much as the model. So each round
 profiles with the profile step's own clock (``profile.cpu_clock``: with one thread, the thread's CPU
-time) and measures every model twice, back to back: with that same clock (the like-for-like error,
-what the throughput model gets wrong) and with the wall clock (what a user waits for, load included).
+time) and measures every model with that same clock (the like-for-like error, what the throughput
+model gets wrong) and then with the wall clock (what a user waits for, load included).
 Rounds repeat the whole comparison; the summary gives each model's median, min and max error over the
 rounds, and every round records the load average, so a figure taken on a busy machine says so.
 """
@@ -31,8 +33,8 @@ from puzzle.config import load_config
 from puzzle.model import AttentionVariant as A
 from puzzle.model import BlockConfig, DeciLMForCausalLM, load_parent
 from puzzle.model import FFNVariant as F
-from puzzle.profiling.bench import measure_throughput
-from puzzle.profiling.profiler import cpu_model, profile_unit
+from puzzle.profiling.bench import measure_interleaved
+from puzzle.profiling.profiler import cpu_model, profile_scenario
 from puzzle.profiling.throughput import ScenarioProfile, predict
 from puzzle.profiling.timing import cpu_clock
 
@@ -87,28 +89,37 @@ def main() -> None:
     for r in range(args.rounds):
         rnd: dict = {"load_start": load(), "models": {}}
         t0 = time.time()
-        recs = [profile_unit(pcfg, k, n, sc, settings) for k, n in sorted(used)]
+        recs = profile_scenario(pcfg, sorted(used), sc, settings)
         prof = ScenarioProfile(recs)
         rnd["profile_s"] = time.time() - t0
         rnd["unstable"] = [rec["variant"] for rec in recs if not rec["stability"]["stable"]]
         rnd["worst_profile_spread"] = max(rec["stability"].get("rel_spread", 0.0) for rec in recs)
+        rnd["calibration"] = next(rec["calibration"] for rec in recs if "calibration" in rec)
         print(f"round {r + 1}: profiled {len(recs)} variants in {rnd['profile_s']:.1f} s (worst spread "
-              f"{rnd['worst_profile_spread']:.2f}, unstable: {rnd['unstable'] or 'none'})")
+              f"{rnd['worst_profile_spread']:.2f}, unstable: {rnd['unstable'] or 'none'}; fitted to whole models: blocks "
+              f"x{rnd['calibration']['block_factor_decode']:.3f}, non-block {rnd['calibration']['non_block_decode_s']:.3f}"
+              f" s decode, measured {rnd['calibration']['measured_non_block_decode_s']:.3f} s)")
+        names = list(models)
+        same = dict(zip(names, measure_interleaved([built[n] for n in names], sc, warmup=1, repeats=args.repeats,
+                                                   clock=clock)))
+        wall = same if args.no_wall or clock == "wall" else dict(zip(names, measure_interleaved(
+            [built[n] for n in names], sc, warmup=0, repeats=args.repeats, clock="wall")))
+        pred_parent = predict(prof, models["parent"])
         for name, blocks in models.items():
             pred = predict(prof, blocks)
-            same = measure_throughput(built[name], sc, warmup=1, repeats=args.repeats, clock=clock)
-            wall = same if args.no_wall or clock == "wall" else measure_throughput(
-                built[name], sc, warmup=0, repeats=args.repeats, clock="wall")
-            err = pred.tokens_per_s / same.tokens_per_s - 1
-            werr = pred.tokens_per_s / wall.tokens_per_s - 1
+            m, w = same[name], wall[name]
+            err = pred.tokens_per_s / m.tokens_per_s - 1
+            werr = pred.tokens_per_s / w.tokens_per_s - 1
+            sp_pred = pred.tokens_per_s / pred_parent.tokens_per_s
+            sp_meas = m.tokens_per_s / same["parent"].tokens_per_s
             rnd["models"][name] = {"blocks": [b.name for b in blocks], "predicted": pred.to_dict(),
-                                   "measured": same.to_dict(), "measured_wall": wall.to_dict(),
-                                   "error": err, "error_wall": werr}
-            print(f"  {name:16s} predicted {pred.tokens_per_s:8.1f} tok/s  measured ({clock}) {same.tokens_per_s:8.1f}"
-                  f"  error {err * 100:+6.1f}% (spread {same.rel_spread * 100:4.1f}%)   wall {wall.tokens_per_s:8.1f} "
-                  f"error {werr * 100:+7.1f}% (spread {wall.rel_spread * 100:4.1f}%)   prefill "
-                  f"{pred.prefill_s * 1e3:.1f}/{same.prefill_s * 1e3:.1f} ms, decode {pred.decode_s * 1e3:.0f}/"
-                  f"{same.decode_s * 1e3:.0f} ms")
+                                   "measured": m.to_dict(), "measured_wall": w.to_dict(),
+                                   "error": err, "error_wall": werr, "speedup_predicted": sp_pred,
+                                   "speedup_measured": sp_meas, "speedup_error": sp_pred / sp_meas - 1}
+            print(f"  {name:16s} predicted {pred.tokens_per_s:8.1f} tok/s  measured ({clock}) {m.tokens_per_s:8.1f}"
+                  f"  error {err * 100:+6.1f}% (spread {m.rel_spread * 100:4.1f}%)   speedup {sp_pred:.3f} predicted"
+                  f" {sp_meas:.3f} measured ({(sp_pred / sp_meas - 1) * 100:+.1f}%)   wall {w.tokens_per_s:8.1f} "
+                  f"error {werr * 100:+7.1f}%")
         rnd["load_end"] = load()
         out["rounds"].append(rnd)
     out["summary"] = {}
@@ -117,12 +128,15 @@ def main() -> None:
     for name in models:
         errs = [x["models"][name]["error"] for x in out["rounds"]]
         werrs = [x["models"][name]["error_wall"] for x in out["rounds"]]
+        serrs = [x["models"][name]["speedup_error"] for x in out["rounds"]]
         s = {"median": statistics.median(errs), "min": min(errs), "max": max(errs),
-             "wall_median": statistics.median(werrs), "wall_min": min(werrs), "wall_max": max(werrs)}
+             "wall_median": statistics.median(werrs), "wall_min": min(werrs), "wall_max": max(werrs),
+             "speedup_median": statistics.median(serrs), "speedup_min": min(serrs), "speedup_max": max(serrs)}
         out["summary"][name] = s
-        print(f"  {name:16s} error ({clock}) median {s['median'] * 100:+6.1f}% [{s['min'] * 100:+.1f}, "
-              f"{s['max'] * 100:+.1f}]   wall median {s['wall_median'] * 100:+7.1f}% [{s['wall_min'] * 100:+.1f}, "
-              f"{s['wall_max'] * 100:+.1f}]")
+        print(f"  {name:16s} tokens/s error ({clock}) median {s['median'] * 100:+6.1f}% [{s['min'] * 100:+.1f}, "
+              f"{s['max'] * 100:+.1f}]   speedup error median {s['speedup_median'] * 100:+5.1f}% "
+              f"[{s['speedup_min'] * 100:+.1f}, {s['speedup_max'] * 100:+.1f}]   wall median "
+              f"{s['wall_median'] * 100:+7.1f}% [{s['wall_min'] * 100:+.1f}, {s['wall_max'] * 100:+.1f}]")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

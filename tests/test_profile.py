@@ -126,22 +126,29 @@ def test_every_variant_profiled_on_cpu_writes_well_formed_json(run):
             cal, raw = rec["calibration"], rec["uncalibrated"]
             assert raw["prefill_s"] == rec["prefill"]["median_s"]
             assert rec["prefill"]["min_s"] <= raw["prefill_s"] <= rec["prefill"]["max_s"]
-            assert math.isclose(rec["prefill_s"], raw["prefill_s"] * cal["prefill_factor"], rel_tol=1e-12)
-            assert math.isclose(rec["decode_s"], raw["decode_s"] * cal["decode_factor"], rel_tol=1e-12)
-            assert cal["generations"] == 2 and cal["whole_decode_s"] > 0
-            assert math.isclose(cal["decode_factor"], cal["whole_decode_s"] / cal["parts_decode_s"], rel_tol=1e-12)
+            assert cal["generations"] == 2 and cal["whole_layers"] == LAYERS and cal["half_layers"] == LAYERS // 2
+            if kind == "non_block":
+                assert raw["decode_s"] == cal["measured_non_block_decode_s"]
+                assert (rec["prefill_s"], rec["decode_s"]) == (cal["non_block_prefill_s"], cal["non_block_decode_s"])
+            else:
+                assert math.isclose(rec["prefill_s"], raw["prefill_s"] * cal["block_factor_prefill"], rel_tol=1e-12)
+                assert math.isclose(rec["decode_s"], raw["decode_s"] * cal["block_factor_decode"], rel_tol=1e-12)
         else:  # cuda:7 is absent here (and on any one-GPU machine): the roofline, labelled
             assert rec["estimate"] is True and "estimate" in rec["device"]
             assert rec["stability"] == {"measured": False, "stable": True}
             assert "calibration" not in rec
     assert len(sessions) == 1
-    # the calibrated parts of the parent add up to the whole model timed with them
+    # the calibrated parts of the parent, and of its first half, add up to the whole models timed with them
+    # (unless the fit fell back to the parent alone, which it records)
     prof = load_scenario_profile(store, "cpu-b2")
     parent = parent_model_config(llama_config(), "config.json")
-    pred = predict(prof, parent.block_configs)
     cal = store.get_json("profile/cpu-b2/non_block.json")["calibration"]
-    assert math.isclose(pred.decode_s, cal["whole_decode_s"], rel_tol=1e-9)
-    assert math.isclose(pred.prefill_s, cal["whole_prefill_s"], rel_tol=1e-9)
+    for blocks, prefix in ((parent.block_configs, "whole"), (parent.block_configs[: LAYERS // 2], "half")):
+        pred = predict(prof, blocks)
+        if prefix == "whole" or not cal.get("decode_fallback"):
+            assert math.isclose(pred.decode_s, cal[f"{prefix}_decode_s"], rel_tol=1e-9)
+        if prefix == "whole" or not cal.get("prefill_fallback"):
+            assert math.isclose(pred.prefill_s, cal[f"{prefix}_prefill_s"], rel_tol=1e-9)
     # Metrics the framework wrote for the units
     prom = "".join(store.get_text(k) for k in store.list("metrics") if k.endswith(".prom"))
     assert "puzzle_profile_prefill_seconds" in prom and "puzzle_profile_decode_seconds" in prom
@@ -149,20 +156,29 @@ def test_every_variant_profiled_on_cpu_writes_well_formed_json(run):
     assert not run_step("profile", run_uri, us[0])
 
 
-def test_calibration_is_whole_model_time_over_the_parent_parts():
+def test_calibration_fits_the_whole_parent_and_its_half_exactly():
     from puzzle.profiling.profiler import calibration
 
-    cfg = parent_model_config(llama_config(), "config.json")
+    cfg = parent_model_config(llama_config(), "config.json")  # 3 layers; its half is layer 0
     a, f = cfg.block_configs[0].attention, cfg.block_configs[0].ffn
-    recs = {("non_block", None): {"prefill_s": 1.0, "decode_s": 2.0},
-            ("attention", a): {"prefill_s": 0.5, "decode_s": 3.0},
-            ("ffn", f): {"prefill_s": 0.25, "decode_s": 1.0}}
-    whole = [(9.0, 30.0), (4.5, 20.0), (5.0, 99.0)]  # medians: 5.0 s prefill, 30.0 s decode
-    cal = calibration(cfg, recs, whole)
-    parts_pre, parts_dec = 1.0 + LAYERS * 0.75, 2.0 + LAYERS * 4.0
-    assert (cal["parts_prefill_s"], cal["parts_decode_s"]) == (parts_pre, parts_dec)
-    assert cal["prefill_factor"] == 5.0 / parts_pre and cal["decode_factor"] == 30.0 / parts_dec
-    assert cal["generations"] == 3
+    recs = {("non_block", None): {"prefill_s": 0.5, "decode_s": 1.0},
+            ("attention", a): {"prefill_s": 1.0, "decode_s": 3.0},
+            ("ffn", f): {"prefill_s": 1.0, "decode_s": 1.0}}  # blocks: 2 s prefill, 4 s decode a layer
+    whole = [(9.0, 30.0), (8.0, 20.0), (7.0, 99.0)]  # medians: 8 s prefill, 30 s decode
+    half = [(3.0, 14.0), (4.0, 16.0), (3.5, 12.0)]  # medians: 3.5 s, 14 s
+    cal = calibration(cfg, recs, whole, half, 1)
+    # decode: 30 = x + k * 12 and 14 = x + k * 4  ->  k = 2, x = 6
+    assert cal["block_factor_decode"] == 2.0 and cal["non_block_decode_s"] == 6.0
+    # prefill: 8 = x + k * 6 and 3.5 = x + k * 2  ->  k = 1.125, x = 1.25
+    assert cal["block_factor_prefill"] == 1.125 and cal["non_block_prefill_s"] == 1.25
+    assert cal["measured_non_block_decode_s"] == 1.0 and cal["generations"] == 3 and cal["half_layers"] == 1
+    # a fit the noise made implausible (a negative intercept) falls back to scaling the blocks to the whole
+    bad = calibration(cfg, recs, whole, [(7.9, 29.0)], 1)
+    assert bad["decode_fallback"] and bad["non_block_decode_s"] == 1.0
+    assert bad["block_factor_decode"] == (30.0 - 1.0) / 12.0
+    # no half (a one-layer parent): the one-point scale
+    one = calibration(cfg, recs, whole, [], 0)
+    assert one["half_layers"] is None and one["non_block_decode_s"] == 1.0 and "decode_fallback" not in one
 
 
 def test_memory_matches_hand_computed_bytes():

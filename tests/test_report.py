@@ -117,7 +117,7 @@ def test_report_json_has_every_figure(run, tmp_path):
         meas = m["measured"]["cpu"]
         want = ev["throughput"]["cpu"]["measured"]["tokens_per_s"] / p_eval["throughput"]["cpu"]["measured"]["tokens_per_s"]
         assert meas["tokens_per_s"] > 0 and math.isclose(meas["speedup_vs_parent_unit"], want)
-        # the speedup shown is the paired one: the parent timed right after the child in its own unit,
+        # the speedup shown is the paired one: the parent timed in turns with the child in its own unit,
         # and that parent's tok/s is kept beside the child's
         paired = ev["throughput"]["cpu"]
         assert meas["speedup_method"] == "paired"
@@ -405,7 +405,7 @@ def test_constraints_met_and_missed(synthetic):
     text = summary_table(rep)
     assert "sol-0 meets every target by prediction; misses memory on cpu as measured" in text
     assert "speedup over the parent on cpu >= 2x" in text and "throughput on gpu >= 500 tokens/s" in text
-    assert "sol-0: predicted 2.3x met; measured 2x met (paired with the parent timed right after it)" in text
+    assert "sol-0: predicted 2.3x met; measured 2x met (paired with the parent, timed in turns with it)" in text
     assert "sol-1: predicted 2x met; measured 1.9x MISSED" in text
     assert "sol-0: predicted 520 tokens/s met; not measured (device 'cuda' is absent on this machine)" in text
     assert re.search(r"^sol-0\s.*met/miss$", text, re.MULTILINE), "memory measured over the limit"
@@ -557,7 +557,7 @@ def test_summary_table_fits_110_columns_and_names_the_baselines(synthetic):
     assert re.search(r"^sol-0\s+230\s+2\.30x\s+200\s+100\s+2\.00x\s+0\.0500\s+76\.0%\s+95\.0%\s+met/miss$", text,
                      re.MULTILINE)
     assert re.search(r"^baseline-uniform-ffn-m1\.0\s.*\s150\s+94\s+1\.60x\s", text, re.MULTILINE)
-    assert "the parent timed right after that model in the same evaluate unit" in flat
+    assert "the parent timed in turns with that model in the same evaluate unit" in flat
     assert "baseline-uniform-ffn-m1.0: uniform FFN: every FFN replaced by ffn_m1.0" in flat
     assert "baseline-drop-2: layer dropping: 1 of 2 layers removed ([1])" in flat, "described from its block configs"
     assert "At 2.00x measured speed on cpu, sol-0 keeps 95.0%" in flat

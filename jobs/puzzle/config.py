@@ -157,9 +157,11 @@ class ProfileConfig(_Strict):
     warmup: int = Field(3, ge=0, description="Untimed repetitions before measuring.")
     repeats: int = Field(10, ge=1, description="Timed repetitions; the median is used.")
     rebuilds: int = Field(1, ge=1, description="Times profile builds each block afresh (new weights and buffers) "
-                          "and measures it; the build of median total time is kept. On a CPU a small block's "
-                          "time moves between builds by more than between repeats of one build (10-35% measured "
-                          "on a 2-core VM), so CPU targets want 3-5; 1 on a GPU.")
+                          "and measures it; the build of median total time is kept. A CPU scenario's unit takes "
+                          "them as rounds, every variant once per round, plus the whole parent-shaped model it "
+                          "calibrates to. On a CPU a small block's time moves between builds and over minutes "
+                          "by more than between repeats of one build (10-35% measured on a 2-core VM), so CPU "
+                          "targets want 3-5; 1 on a GPU.")
     decode_points: int = Field(5, ge=2, description="Context lengths sampled across the output range.")
     max_rel_spread: float = Field(
         0.75, gt=0, description="Largest (p90 - p10) / median a timing may have; above it the timing is taken "

@@ -11,7 +11,7 @@ raw figures it states, with every number computed from those files:
   latency, parameters) and, per solution, the predicted value (the solver's own where solutions.json
   has it) and the measured one, each met or missed;
 - measured speedup = the model's measured tokens/s / the parent's measured tokens/s in the *same*
-  evaluate unit, timed right after the model (``paired``: both under the same load); where evaluate
+  evaluate unit, their generations taken in turns (``paired``: both under the same load); where evaluate
   did not pair them, the ``parent`` unit's own measurement (``parent unit``). Both tok/s figures are kept;
 - ``equal_speed``: per solution, each baseline family's quality (KL, task accuracy, ICL) interpolated
   linearly at the solution's *measured* speedup between the two settings whose measured speedups
@@ -99,7 +99,7 @@ def _measured(ev: dict[str, Any] | None, parent_ev: dict[str, Any] | None) -> di
         ref = t.get("reference_measured") or {}
         out[sc] = {
             "tokens_per_s": m["tokens_per_s"],
-            # the parent measured in the same unit, right after the model, when evaluate did that
+            # the parent measured in the same unit, in turns with the model, when evaluate did that
             "speedup": paired if paired is not None else across,
             "speedup_method": "paired" if paired is not None else "parent unit",
             "parent_tokens_per_s": ref.get("tokens_per_s") if paired is not None else
@@ -1109,7 +1109,7 @@ def constraint_lines(report: dict[str, Any]) -> list[str]:
             else:
                 meas = f"measured {_with_unit(r['measured'], c['unit'])} {_metword(r['measured_met'])}"
             if r.get("speedup_method") == "paired":
-                meas += " (paired with the parent timed right after it)"
+                meas += " (paired with the parent, timed in turns with it)"
             out += _wrap(f"{r['id']}: predicted {_with_unit(r['predicted'], c['unit'])} "
                          f"{_metword(r['predicted_met'])}; {meas}", indent="    ", hang="      ")
     return out
@@ -1170,7 +1170,7 @@ def summary_table(report: dict[str, Any]) -> str:
                        rows, right={1, 2, 3, 4, 5, 6, 7, 8})
     n_task = report.get("task_examples")
     notes = ("tok/s = tokens/s; x = speedup over the parent. Measured x = the model's tok/s / parent*, the "
-             "parent timed right after that model in the same evaluate unit (paired: same load), so each row "
+             "parent timed in turns with that model in the same evaluate unit (paired: same load), so each row "
              "has its own parent figure; predicted x = predicted model / predicted parent. KL = KL(parent || "
              "model) in nats/token on held-out text; task acc = exact match on "
              f"{n_task if n_task else 'the'} tiny-task (SCAN) examples; kept = task acc / the parent's. "
@@ -1248,7 +1248,7 @@ def _targets_html(report: dict[str, Any]) -> list[str]:
     parts.append(_table(["constraint", "target", "solution", "predicted", "", "measured", ""], rows))
     parts.append("<p class='note'>Predicted: the solver's own value (solutions.json) from the profiled costs. "
                  "Measured: tokens/s and prefill seconds timed by evaluate on this scenario's device; speedup = "
-                 "the model's tokens/s over the parent's, timed right after it in the same unit; memory = "
+                 "the model's tokens/s over the parent's, timed in turns with it in the same unit; memory = "
                  "weights + KV cache at batch x (input + output) tokens, in GiB (2^30 bytes); parameters counted "
                  "in the loaded model.</p>")
     return parts
@@ -1272,7 +1272,7 @@ def _summary_html(report: dict[str, Any]) -> list[str]:
                     "perplexity", "task accuracy", "task accuracy kept", "predicted memory (GiB)",
                     "measured memory (GiB)", "parameters", "targets (predicted/measured)"], rows),
             (f"<p class='note'>Scenario {html.escape(_scenario_text(report))}. * Each measured speedup divides the "
-            "model's measured tokens/s by the parent's measured right after it in the same evaluate unit (paired: "
+            "model's measured tokens/s by the parent's measured in turns with it in the same evaluate unit (paired: "
             "both under the same load), so each row has its own parent figure; † marks a row without a paired "
             "timing (divided by the parent unit's own measurement). Predicted speedup = predicted model / "
             "predicted parent. KL(parent || model) per held-out token. Task accuracy kept = model task accuracy / "

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 #: Bumped whenever the meaning of a cached record changes (method, replicas, fields), so records of an
 #: older profiler are never mistaken for new ones.
-FORMAT_VERSION = 2  # 2: CPU scenarios measured interleaved in one unit, calibrated to the whole model
+FORMAT_VERSION = 3  # 3: CPU scenarios measured in turns in one unit, fitted to two whole models
 
 
 def entry_name(kind: str, variant: AttentionVariant | FFNVariant | None) -> str:

@@ -22,6 +22,7 @@ worst spread and which timing it was. Solve refuses a record that never did.
 
 from __future__ import annotations
 
+import logging
 import platform
 import statistics
 import uuid
@@ -58,6 +59,8 @@ from puzzle.profiling.engine import (
 )
 from puzzle.profiling.roofline import estimate_costs
 from puzzle.profiling.timing import cpu_clock, time_callable
+
+log = logging.getLogger(__name__)
 
 # Replicas stop when their weights and caches exceed this (bytes), or at the parent's layer count.
 _REPLICA_BYTES = 2 * 2**30
@@ -299,14 +302,17 @@ def profile_scenario(cfg: ModelConfig, units: list[tuple[str, str]], scenario: S
     unit at a time would each carry a different draw of it, and the solver would rank noise. Taken in
     turns, every variant sees the same spread of machine states.
 
-    ``calibrate`` (default: on a CPU, where the parent fits in :data:`_CALIBRATE_BYTES`) also times the
-    whole parent-shaped model (random weights, the engine of a measurement) in every round, and scales
-    every record's prefill and decode seconds by whole-model time over the sum of its parts, measured
-    together. A block stack of one variant has a smaller working set than the whole model (on a CPU
-    whose caches hold a small model only in part, a block runs 7-16% faster alone than among the
-    others; measured on the tiny parent), which a sum of parts would otherwise miss. The factor is the
-    same for every variant, so it moves no solution and no predicted speedup, only tokens/s. The
-    unscaled seconds stay in ``uncalibrated``; ``calibration`` says how the factor was found.
+    ``calibrate`` (default: on a CPU, where the parent fits in :data:`_CALIBRATE_BYTES`) also times two
+    whole models in every round, through the engine of a measurement, random weights: the parent's
+    shape and its first half of layers. On a CPU the sum of parts misses a cost the whole model pays
+    once per step: the tiny parent's whole generations fit ``0.143 s + 0.164 s x layers`` where its
+    per-layer parts sum to 0.166 s and its non-block unit to 0.033 s (a 2-layer child was predicted 17%
+    too fast). So the records are fitted to the two: block costs scaled by ``block_factor`` (prefill and
+    decode each) and the non-block cost replaced by the intercept, ``whole = non_block + block_factor x
+    blocks``, which both models obey exactly; children between the two sizes (a 2x child is about half
+    the parent) are interpolated, not extrapolated. The solver stays linear. The measured seconds stay
+    in ``uncalibrated``; ``calibration`` records the two models' times and the fit. A one-layer parent
+    has no half: its block costs are scaled to the whole model alone.
     """
     records: list[dict[str, Any] | None] = []
     todo: dict[tuple[str, Any], tuple[str, Any]] = {}  # (kind, variant) -> (name, variant) to measure
@@ -328,13 +334,19 @@ def profile_scenario(cfg: ModelConfig, units: list[tuple[str, str]], scenario: S
                 todo.setdefault((kind, v), (v.name if v is not None else "non_block", v))
     builds: dict[tuple[str, Any], list[_Build]] = {k: [] for k in todo}
     whole: list[tuple[float, float]] = []
+    half: list[tuple[float, float]] = []
+    n_half = cfg.num_hidden_layers // 2
+    half_cfg = cfg.with_blocks(cfg.block_configs[:n_half]) if n_half >= 1 else None
     session = uuid.uuid4().hex[:12]
+    clock = cpu_clock(settings.cpu_clock)
     for r in range(settings.rebuilds):
         for key, (_, v) in todo.items():
             builds[key].append(_measure_build(cfg, key[0], v, scenario, settings, device, r, seed))
         if calibrate:
-            whole += time_whole_model(cfg, scenario, device, cpu_clock(settings.cpu_clock), seed + r,
-                                      warmup=1 if r == 0 else 0, generations=_CALIBRATE_GENERATIONS)
+            warm = 1 if r == 0 else 0
+            whole += time_whole_model(cfg, scenario, device, clock, seed + r, warm, _CALIBRATE_GENERATIONS)
+            if half_cfg is not None:
+                half += time_whole_model(half_cfg, scenario, device, clock, seed + r, warm, _CALIBRATE_GENERATIONS)
     done_recs: dict[tuple[str, Any], dict[str, Any]] = {}
     for key, (name, v) in todo.items():
         rec, _, _ = _unmeasured(cfg, key[0], name, v, scenario, settings)
@@ -342,12 +354,16 @@ def profile_scenario(cfg: ModelConfig, units: list[tuple[str, str]], scenario: S
         done_recs[key]["method"]["interleaved"] = {"session": session, "rounds": settings.rebuilds,
                                                    "variants": len(todo)}
     if calibrate:
-        cal = calibration(cfg, done_recs, whole)
-        for rec in done_recs.values():
+        cal = calibration(cfg, done_recs, whole, half, n_half)
+        O = scenario.output_len
+        for (kind, _), rec in done_recs.items():
             rec["uncalibrated"] = {"prefill_s": rec["prefill_s"], "decode_s": rec["decode_s"]}
-            rec["prefill_s"] *= cal["prefill_factor"]
-            rec["decode_s"] *= cal["decode_factor"]
-            rec["decode_step_s"] *= cal["decode_factor"]
+            if kind == "non_block":
+                rec["prefill_s"], rec["decode_s"] = cal["non_block_prefill_s"], cal["non_block_decode_s"]
+            else:
+                rec["prefill_s"] *= cal["block_factor_prefill"]
+                rec["decode_s"] *= cal["block_factor_decode"]
+            rec["decode_step_s"] = rec["decode_s"] / O
             rec["calibration"] = cal
     out = []
     for (kind, name), rec in zip(units, records):
@@ -413,26 +429,40 @@ def time_whole_model(cfg: ModelConfig, scenario: Scenario, device: torch.device,
     return out
 
 
-def calibration(cfg: ModelConfig, recs: dict[tuple[str, Any], dict[str, Any]],
-                whole: list[tuple[float, float]]) -> dict[str, Any]:
-    """Whole-model prefill and decode seconds (medians of ``whole``) over the sum of the parent's parts
-    in ``recs`` (keyed by (kind, variant); no_op parts cost zero)."""
-    def part(kind: str, v: Any, field: str) -> float:
-        if v is not None and v.no_op:
-            return 0.0
-        return float(recs[(kind, v)][field])
+def calibration(cfg: ModelConfig, recs: dict[tuple[str, Any], dict[str, Any]], whole: list[tuple[float, float]],
+                half: list[tuple[float, float]], n_half: int) -> dict[str, Any]:
+    """The fit ``time = non_block + block_factor x blocks`` through the whole parent (``whole``: its
+    generations' (prefill s, decode s)) and its first ``n_half`` layers (``half``; empty: a one-point
+    fit, the non-block cost kept as measured), for prefill and decode each; ``blocks`` is the sum of
+    the measured block records in ``recs`` (keyed by (kind, variant); no_op parts cost zero)."""
+    def blocks(configs: Any, field: str) -> float:
+        return sum(0.0 if v.no_op else float(recs[(kind, v)][field])
+                   for b in configs for kind, v in (("attention", b.attention), ("ffn", b.ffn)))
 
-    sums = {}
-    for field in ("prefill_s", "decode_s"):
-        sums[field] = part("non_block", None, field) + sum(
-            part("attention", b.attention, field) + part("ffn", b.ffn, field) for b in cfg.block_configs)
-    pre = statistics.median(p for p, _ in whole)
-    dec = statistics.median(d for _, d in whole)
-    return {"kind": "whole parent-shaped model over the sum of its parts, measured in the same rounds",
-            "whole_prefill_s": pre, "whole_decode_s": dec, "generations": len(whole),
-            "parts_prefill_s": sums["prefill_s"], "parts_decode_s": sums["decode_s"],
-            "prefill_factor": pre / sums["prefill_s"] if sums["prefill_s"] > 0 else 1.0,
-            "decode_factor": dec / sums["decode_s"] if sums["decode_s"] > 0 else 1.0}
+    out: dict[str, Any] = {
+        "kind": "fit of the parent-shaped model and its first half of layers, timed whole in the same rounds",
+        "whole_layers": cfg.num_hidden_layers, "half_layers": n_half if half else None,
+        "generations": len(whole)}
+    for phase, i, field in (("prefill", 0, "prefill_s"), ("decode", 1, "decode_s")):
+        t_whole = statistics.median(x[i] for x in whole)
+        b_whole = blocks(cfg.block_configs, field)
+        nb = float(recs[("non_block", None)][field])
+        factor, intercept = (t_whole - nb) / b_whole if b_whole > 0 else 1.0, nb
+        if half:
+            t_half = statistics.median(x[i] for x in half)
+            b_half = blocks(cfg.block_configs[:n_half], field)
+            out[f"half_{phase}_s"], out[f"half_blocks_{phase}_s"] = t_half, b_half
+            fit = (t_whole - t_half) / (b_whole - b_half) if b_whole > b_half else 0.0
+            if 0.5 <= fit <= 2.0 and t_whole - fit * b_whole >= 0:
+                factor, intercept = fit, t_whole - fit * b_whole
+            else:  # the two models' noise, not the machine: keep scaling the blocks to the whole alone
+                log.warning("profile calibration (%s): fit factor %.3g, intercept %.3g s is implausible; scaling "
+                            "the blocks to the whole model alone", phase, fit, t_whole - fit * b_whole)
+                out[f"{phase}_fallback"] = True
+        out.update({f"whole_{phase}_s": t_whole, f"whole_blocks_{phase}_s": b_whole,
+                    f"measured_non_block_{phase}_s": nb,
+                    f"block_factor_{phase}": factor, f"non_block_{phase}_s": intercept})
+    return out
 
 
 @torch.no_grad()

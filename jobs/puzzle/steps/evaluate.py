@@ -8,7 +8,7 @@ measures, on the same data for every unit:
   tokens of ``data/validation``;
 - task: exact match on ``eval.task_examples`` held-out tiny-task (SCAN) episodes;
 - throughput: tokens/s measured per profile scenario (``puzzle.profiling.bench``) next to the
-  prediction solve made for this architecture, and the parent's measured right after it in the same
+  prediction solve made for this architecture, and the parent's measured in turns with it in the same
   unit (``paired_speedup``: both under the same load);
 - ICL (``eval.icl.enabled``): exact match per dataset:split x selection method; the query programs come
   from the structure predictor (the parent's beams by default, the same for every unit) and the prompt

@@ -119,7 +119,8 @@ def _write(ctx: StepContext, scenario: str, rec: dict) -> None:
     how = "estimate" if rec["estimate"] else ("reused " + rec["reused"]["from"] if rec.get("reused") else rec["device"])
     cal = rec.get("calibration")
     if cal and not rec.get("reused"):
-        how += f", x{cal['decode_factor']:.3f} to the whole model"
+        how += (f", fitted to whole models: non-block {cal['non_block_decode_s']:.3g} s decode, blocks "
+                f"x{cal['block_factor_decode']:.3f}" if rec["kind"] == "non_block" else "")
     log.info("profile %s/%s: prefill %.3g s, decode %.3g s (%s)", scenario, variant,
              rec["prefill_s"], rec["decode_s"], how)
     if not rec["stability"]["stable"]:
