@@ -15,6 +15,10 @@ CPU's caches and look faster than it is in the model). ``no_op`` costs exactly z
 When the target device is absent (scenario device ``cuda`` on a CPU-only machine) the record is the
 roofline estimate of ``puzzle.profiling.roofline``, with ``"estimate": true``.
 
+``profile_unit`` measures one variant (a GPU unit); ``profile_scenario`` measures a scenario's variants
+in turns in one process and, on a CPU, fits them to two whole models timed with them (a CPU unit; see
+its docstring for why).
+
 Every timing is held to ``profile.max_rel_spread`` (taken again up to ``profile.attempts`` times, see
 ``puzzle.profiling.timing``); the record's ``stability`` says whether all of them came within it, the
 worst spread and which timing it was. Solve refuses a record that never did.
