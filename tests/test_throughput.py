@@ -141,13 +141,13 @@ def test_measure_interleaved_takes_the_models_generations_in_turns(monkeypatch):
     sc = Scenario(name="cpu-b2", batch_size=2, input_len=8, output_len=4)
     a, b = DeciLMForCausalLM(tiny_cfg(PARENT)).eval(), DeciLMForCausalLM(tiny_cfg(CHILD)).eval()
     order: list[int] = []
-    real = bench._Generation.once
+    real = bench.GenerationTimer.once
 
     def spy(self):
         order.append(id(self.model))
         return real(self)
 
-    monkeypatch.setattr(bench._Generation, "once", spy)
+    monkeypatch.setattr(bench.GenerationTimer, "once", spy)
     ma, mb = bench.measure_interleaved([a, b], sc, warmup=1, repeats=3, clock="thread_cpu")
     assert order == [id(a), id(b)] * 4  # warm-up then three timed rounds, A B A B ...
     assert ma.repeats == mb.repeats == 3 and ma.clock == "thread_cpu"

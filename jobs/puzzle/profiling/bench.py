@@ -97,8 +97,9 @@ def _prepare(model: DeciLMForCausalLM | str | Path, scenario: Scenario, device: 
     return model.eval()
 
 
-class _Generation:
-    """One model's engine, ready to time greedy generations of ``scenario`` (CUDA graphs captured)."""
+class GenerationTimer:
+    """One model's engine, ready to time greedy generations of ``scenario`` (CUDA graphs captured):
+    ``once()`` is one generation's (prefill s, decode s); ``runs`` collects what the caller keeps."""
 
     def __init__(self, model: DeciLMForCausalLM | str | Path, scenario: Scenario, device: torch.device,
                  cuda_graphs: bool, seed: int, clock: str) -> None:
@@ -186,10 +187,10 @@ def measure_interleaved(models: Sequence[DeciLMForCausalLM | str | Path], scenar
     if not models:
         raise ValueError("models: an empty list is not allowed; give at least one model")
     host_clock(clock)  # refuse an unknown clock before any work
-    gens: list[_Generation] = []
+    gens: list[GenerationTimer] = []
     try:
         for m in models:
-            gens.append(_Generation(m, scenario, device, cuda_graphs, seed, clock))
+            gens.append(GenerationTimer(m, scenario, device, cuda_graphs, seed, clock))
         for _ in range(max(warmup, 0)):
             for g in gens:
                 g.once()

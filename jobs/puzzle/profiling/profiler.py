@@ -44,6 +44,7 @@ from puzzle.model import (
     build_attention,
     build_ffn,
     ffn_counts,
+    model_counts,
     non_block_counts,
     variant_from_name,
 )
@@ -318,24 +319,25 @@ def profile_scenario(cfg: ModelConfig, units: list[tuple[str, str]], scenario: S
     in ``uncalibrated``; ``calibration`` records the two models' times and the fit. A one-layer parent
     has no half: its block costs are scaled to the whole model alone.
     """
+    keys = [(kind, parse_variant(kind, name, cfg)) for kind, name in units]
     records: list[dict[str, Any] | None] = []
-    todo: dict[tuple[str, Any], tuple[str, Any]] = {}  # (kind, variant) -> (name, variant) to measure
+    todo: dict[tuple[str, Any], dict[str, Any]] = {}  # (kind, variant) to measure -> its record base
     device: torch.device | None = None
-    for kind, name in units:
-        variant = parse_variant(kind, name, cfg)
-        rec, dev, done = _unmeasured(cfg, kind, name, variant, scenario, settings)
+    for (kind, name), key in zip(units, keys):
+        rec, dev, done = _unmeasured(cfg, kind, name, key[1], scenario, settings)
         records.append(rec if done else None)
         if not done:
             device = dev
-            todo.setdefault((kind, variant), (name, variant))
+            todo.setdefault(key, rec)
     if device is None:
         return [r for r in records if r is not None]
     if calibrate is None:
         calibrate = device.type == "cpu" and _whole_bytes(cfg, scenario) <= _CALIBRATE_BYTES
     if calibrate:  # the parts of the parent must be timed with the rest, requested or not
         for kind, v in _parent_parts(cfg):
-            if not (v is not None and v.no_op):
-                todo.setdefault((kind, v), (v.name if v is not None else "non_block", v))
+            if (kind, v) not in todo and not (v is not None and v.no_op):
+                todo[(kind, v)] = _unmeasured(cfg, kind, v.name if v is not None else "non_block", v, scenario,
+                                              settings)[0]
     builds: dict[tuple[str, Any], list[_Build]] = {k: [] for k in todo}
     whole: list[tuple[float, float]] = []
     half: list[tuple[float, float]] = []
@@ -344,16 +346,15 @@ def profile_scenario(cfg: ModelConfig, units: list[tuple[str, str]], scenario: S
     session = uuid.uuid4().hex[:12]
     clock = cpu_clock(settings.cpu_clock)
     for r in range(settings.rebuilds):
-        for key, (_, v) in todo.items():
-            builds[key].append(_measure_build(cfg, key[0], v, scenario, settings, device, r, seed))
+        for kind, v in todo:
+            builds[(kind, v)].append(_measure_build(cfg, kind, v, scenario, settings, device, r, seed))
         if calibrate:
             warm = 1 if r == 0 else 0
             whole += time_whole_model(cfg, scenario, device, clock, seed + r, warm, _CALIBRATE_GENERATIONS)
             if half_cfg is not None:
                 half += time_whole_model(half_cfg, scenario, device, clock, seed + r, warm, _CALIBRATE_GENERATIONS)
     done_recs: dict[tuple[str, Any], dict[str, Any]] = {}
-    for key, (name, v) in todo.items():
-        rec, _, _ = _unmeasured(cfg, key[0], name, v, scenario, settings)
+    for key, rec in todo.items():
         done_recs[key] = _finish(rec, builds[key], settings, device)
         done_recs[key]["method"]["interleaved"] = {"session": session, "rounds": settings.rebuilds,
                                                    "variants": len(todo)}
@@ -369,13 +370,8 @@ def profile_scenario(cfg: ModelConfig, units: list[tuple[str, str]], scenario: S
                 rec["decode_s"] *= cal["block_factor_decode"]
             rec["decode_step_s"] = rec["decode_s"] / O
             rec["calibration"] = cal
-    out = []
-    for (kind, name), rec in zip(units, records):
-        if rec is None:
-            v = parse_variant(kind, name, cfg)
-            rec = dict(done_recs[(kind, v)], variant=name)
-        out.append(rec)
-    return out
+    return [rec if rec is not None else dict(done_recs[key], variant=name)
+            for (_, name), key, rec in zip(units, keys, records)]
 
 
 # Calibration: whole models up to this size (weights + KV cache) are timed; two generations a round.
@@ -394,8 +390,6 @@ def _parent_parts(cfg: ModelConfig) -> list[tuple[str, Any]]:
 
 
 def _whole_bytes(cfg: ModelConfig, scenario: Scenario) -> int:
-    from puzzle.model import model_counts
-
     c = model_counts(cfg)
     return c.weight_bytes(scenario.dtype) + c.kv_cache_bytes(
         scenario.batch_size, scenario.input_len + scenario.output_len, scenario.dtype)
@@ -405,32 +399,17 @@ def _whole_bytes(cfg: ModelConfig, scenario: Scenario) -> int:
 def time_whole_model(cfg: ModelConfig, scenario: Scenario, device: torch.device, clock: str, seed: int,
                      warmup: int, generations: int) -> list[tuple[float, float]]:
     """(prefill s, decode s) of ``generations`` greedy generations of the scenario through the whole
-    parent-shaped model (random weights) on the measurements' engine, after ``warmup`` untimed ones."""
+    model of ``cfg`` (random weights) on the measurements' engine, after ``warmup`` untimed ones."""
     from puzzle.model import DeciLMForCausalLM
-    from puzzle.profiling.engine import InferenceEngine
-    from puzzle.profiling.timing import host_clock
+    from puzzle.profiling.bench import GenerationTimer  # bench imports this module
 
     torch.manual_seed(seed)
     model = _init_(DeciLMForCausalLM(cfg).to(device=device, dtype=torch_dtype(scenario.dtype))).eval()
-    model.model.inv_freq = rope_inv_freq(cfg).to(device)
-    B, T, O = scenario.batch_size, scenario.input_len, scenario.output_len
-    eng = InferenceEngine(model, B, T + O, cuda_graphs=False)
-    eng.set_prompt(torch.randint(0, cfg.vocab_size, (B, T), device=device))
-    eng.capture(T, O)
-    now = host_clock(clock)
-    out = []
+    timer = GenerationTimer(model, scenario, device, cuda_graphs=False, seed=seed, clock=clock)
     try:
-        for i in range(warmup + generations):
-            t0 = now()
-            eng.prefill()
-            t1 = now()
-            for c in decode_contexts(T, O):
-                eng.decode(c)
-            if i >= warmup:
-                out.append((t1 - t0, now() - t1))
+        return [t for i, t in enumerate(timer.once() for _ in range(warmup + generations)) if i >= warmup]
     finally:
-        eng.close()
-    return out
+        timer.close()
 
 
 def calibration(cfg: ModelConfig, recs: dict[tuple[str, Any], dict[str, Any]], whole: list[tuple[float, float]],
