@@ -34,7 +34,8 @@ from puzzle.model import AttentionVariant as A
 from puzzle.model import BlockConfig, DeciLMForCausalLM, load_parent
 from puzzle.model import FFNVariant as F
 from puzzle.profiling.bench import measure_interleaved
-from puzzle.profiling.profiler import cpu_model, profile_scenario
+from puzzle.profiling.device import cpu_model
+from puzzle.profiling.profiler import profile_scenario
 from puzzle.profiling.throughput import ScenarioProfile, predict
 from puzzle.profiling.timing import cpu_clock
 

@@ -123,7 +123,7 @@ def throughput_figures(
     the same conditions: on a shared CPU the speed drifts between units, and within one unit by more
     than a child differs from its neighbour, so a ratio of models timed apart would carry that drift."""
     from puzzle.profiling.bench import measure_interleaved
-    from puzzle.profiling.profiler import target_device
+    from puzzle.profiling.device import target_device
     from puzzle.profiling.timing import cpu_clock
 
     # on a CPU, the clock the profiles were taken with: measured and predicted compare like with like

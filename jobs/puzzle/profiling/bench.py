@@ -33,8 +33,8 @@ import torch
 from puzzle.config import Scenario
 from puzzle.model import DeciLMForCausalLM, load_parent, model_counts
 from puzzle.model.io import torch_dtype
+from puzzle.profiling.device import device_name, target_device
 from puzzle.profiling.engine import InferenceEngine, decode_contexts
-from puzzle.profiling.profiler import device_name, target_device
 from puzzle.profiling.timing import Timing, host_clock, summarize, synchronize
 
 

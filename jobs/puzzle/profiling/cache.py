@@ -40,13 +40,8 @@ from puzzle import layout
 from puzzle.config import ProfileConfig, Scenario
 from puzzle.layout import digest_of
 from puzzle.model import AttentionVariant, FFNVariant, ModelConfig
-from puzzle.profiling.profiler import (
-    device_name,
-    parse_variant,
-    profile_scenario,
-    profile_unit,
-    target_device,
-)
+from puzzle.profiling.device import device_name, target_device
+from puzzle.profiling.profiler import parse_variant, profile_scenario, profile_unit
 from puzzle.profiling.throughput import unstable
 from puzzle.profiling.timing import cpu_clock
 from puzzle.store import Store

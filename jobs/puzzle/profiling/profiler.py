@@ -27,7 +27,6 @@ worst spread and which timing it was. Solve refuses a record that never did.
 from __future__ import annotations
 
 import logging
-import platform
 import statistics
 import uuid
 from typing import Any
@@ -38,6 +37,7 @@ from torch import nn
 from puzzle.config import ProfileConfig, Scenario
 from puzzle.model import (
     AttentionVariant,
+    DeciLMForCausalLM,
     FFNVariant,
     ModelConfig,
     attention_counts,
@@ -51,6 +51,8 @@ from puzzle.model import (
 from puzzle.model.counts import Counts
 from puzzle.model.io import torch_dtype
 from puzzle.model.modeling import RMSNorm, rope_inv_freq
+from puzzle.profiling.bench import GenerationTimer
+from puzzle.profiling.device import device_name, target_device
 from puzzle.profiling.engine import (
     AttnBlock,
     FFNBlock,
@@ -69,38 +71,6 @@ log = logging.getLogger(__name__)
 
 # Replicas stop when their weights and caches exceed this (bytes), or at the parent's layer count.
 _REPLICA_BYTES = 2 * 2**30
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux; ``platform`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu: {cpu_model()} ({torch.get_num_threads()} threads)"
-
-
-def target_device(scenario: Scenario) -> torch.device | None:
-    """The device a scenario is measured on, or None when it is absent here (then: estimate)."""
-    dev = torch.device(scenario.device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return None
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return None
-        return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
-    if dev.type != "cpu":
-        raise ValueError(f"scenario {scenario.name!r} device: {scenario.device!r} is not allowed; use 'cpu', 'cuda' or 'cuda:N'")
-    return dev
 
 
 def decode_points(input_len: int, output_len: int, points: int) -> list[int]:
@@ -400,9 +370,6 @@ def time_whole_model(cfg: ModelConfig, scenario: Scenario, device: torch.device,
                      warmup: int, generations: int) -> list[tuple[float, float]]:
     """(prefill s, decode s) of ``generations`` greedy generations of the scenario through the whole
     model of ``cfg`` (random weights) on the measurements' engine, after ``warmup`` untimed ones."""
-    from puzzle.model import DeciLMForCausalLM
-    from puzzle.profiling.bench import GenerationTimer  # bench imports this module
-
     torch.manual_seed(seed)
     model = _init_(DeciLMForCausalLM(cfg).to(device=device, dtype=torch_dtype(scenario.dtype))).eval()
     timer = GenerationTimer(model, scenario, device, cuda_graphs=False, seed=seed, clock=clock)
