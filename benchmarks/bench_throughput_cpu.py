@@ -2,7 +2,7 @@
 children on the tiny example's scenario (cpu-b8: batch 8, 64 in, 64 out, float32).
 
 Every variant the children use is profiled with ``profile_scenario`` (what the ``profile`` step's CPU
-unit writes: all variants in turns, calibrated to the whole parent-shaped model), then each model's
+unit writes: all variants in turns, each timed as a whole model of it less one of no-op layers), then each model's
 tokens/s is predicted with ``predict`` and measured with ``measure_interleaved`` (all models'
 generations in turns, as evaluation times a child with its parent); the error of tokens/s and of the
 speedup over the parent is printed. Children get random weights of their variants' shapes (time does not depend on
@@ -95,11 +95,8 @@ def main() -> None:
         rnd["profile_s"] = time.time() - t0
         rnd["unstable"] = [rec["variant"] for rec in recs if not rec["stability"]["stable"]]
         rnd["worst_profile_spread"] = max(rec["stability"].get("rel_spread", 0.0) for rec in recs)
-        rnd["calibration"] = next(rec["calibration"] for rec in recs if "calibration" in rec)
-        print(f"round {r + 1}: profiled {len(recs)} variants in {rnd['profile_s']:.1f} s (worst spread "
-              f"{rnd['worst_profile_spread']:.2f}, unstable: {rnd['unstable'] or 'none'}; fitted to whole models: blocks "
-              f"x{rnd['calibration']['block_factor_decode']:.3f}, non-block {rnd['calibration']['non_block_decode_s']:.3f}"
-              f" s decode, measured {rnd['calibration']['measured_non_block_decode_s']:.3f} s)")
+        print(f"round {r + 1}: profiled {len(recs)} variants as whole models in {rnd['profile_s']:.1f} s (worst "
+              f"spread {rnd['worst_profile_spread']:.2f}, unstable: {rnd['unstable'] or 'none'})")
         names = list(models)
         same = dict(zip(names, measure_interleaved([built[n] for n in names], sc, warmup=1, repeats=args.repeats,
                                                    clock=clock)))

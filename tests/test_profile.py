@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def run(tmp_path: Path):
             {"name": "cpu-b2", "batch_size": 2, "input_len": 16, "output_len": 9, "device": "cpu"},
             {"name": "gpu-b4", "batch_size": 4, "input_len": 32, "output_len": 8, "dtype": "bfloat16",
              "device": "cuda:7"},
-        ], "warmup": 1, "repeats": 2, "decode_points": 3},
+        ], "warmup": 1, "repeats": 2, "decode_points": 3, "rebuilds": 2},
         "store": {"uri": f"file://{tmp_path / 'runs'}"},
     })
     return create_run(cfg, run_id="prof-test"), cfg
@@ -111,44 +112,36 @@ def test_every_variant_profiled_on_cpu_writes_well_formed_json(run):
         assert math.isclose(rec["decode_step_s"] * sc.output_len, rec["decode_s"], rel_tol=1e-12)
         if sc.device == "cpu":
             assert rec["estimate"] is False and rec["device"].startswith("cpu")
-            assert rec["method"]["kind"] == "thread_cpu" and rec["method"]["repeats"] == 2
-            assert len(rec["decode_points"]) == 3
-            for p in rec["decode_points"]:
-                s = p["spread"]
-                assert s["min_s"] <= p["step_s"] <= s["max_s"] and s["repeats"] == 2
-            st = rec["stability"]  # each timing's spread, the worst one named, against the default bound
-            spreads = [rec["prefill"]["rel_spread"]] + [p["spread"]["rel_spread"] for p in rec["decode_points"]]
-            assert st["measured"] and st["rel_spread"] == max(spreads) and st["max_rel_spread"] == 0.75
-            assert st["stable"] == all(x <= 0.75 for x in spreads) and st["attempts"] == 3
-            assert st["worst"] == "prefill" or st["worst"].startswith("decode at context ")
-            # measured together, and scaled to the whole parent-shaped model timed in the same rounds
-            sessions.add(rec["method"]["interleaved"]["session"])
-            cal, raw = rec["calibration"], rec["uncalibrated"]
-            assert raw["prefill_s"] == rec["prefill"]["median_s"]
-            assert rec["prefill"]["min_s"] <= raw["prefill_s"] <= rec["prefill"]["max_s"]
-            assert cal["generations"] == 2 and cal["whole_layers"] == LAYERS and cal["half_layers"] == LAYERS // 2
+            # timed as a whole model: the variant in every layer, in turns with the others, over the rounds
+            m = rec["method"]
+            assert m["kind"] == "whole_model" and m["clock"] == "thread_cpu" and m["layers"] == LAYERS
+            assert m["rounds"] == cfg.profile.rebuilds and m["generations"] == 2
+            sessions.add(m["interleaved"]["session"])
+            w = rec["whole_model"]
+            assert len(w["decode_s"]) == len(w["no_op_decode_s"]) == cfg.profile.rebuilds
+            model = [statistics.median(w[f]) for f in ("prefill_s", "decode_s")]
+            no_op = [statistics.median(w[f]) for f in ("no_op_prefill_s", "no_op_decode_s")]
             if kind == "non_block":
-                assert raw["decode_s"] == cal["measured_non_block_decode_s"]
-                assert (rec["prefill_s"], rec["decode_s"]) == (cal["non_block_prefill_s"], cal["non_block_decode_s"])
-            else:
-                assert math.isclose(rec["prefill_s"], raw["prefill_s"] * cal["block_factor_prefill"], rel_tol=1e-12)
-                assert math.isclose(rec["decode_s"], raw["decode_s"] * cal["block_factor_decode"], rel_tol=1e-12)
+                assert [rec["prefill_s"], rec["decode_s"]] == model == no_op
+            else:  # (its model less the no-op model) / layers, or 0 where noise put it below
+                assert rec["prefill_s"] == max(0.0, (model[0] - no_op[0]) / LAYERS)
+                assert rec["decode_s"] == max(0.0, (model[1] - no_op[1]) / LAYERS)
+            st = rec["stability"]
+            assert st["measured"] and st["max_rel_spread"] == 0.75 and st["stable"] == (st["rel_spread"] <= 0.75)
+            assert st["worst"].startswith("whole-model generations, round ")
         else:  # cuda:7 is absent here (and on any one-GPU machine): the roofline, labelled
             assert rec["estimate"] is True and "estimate" in rec["device"]
             assert rec["stability"] == {"measured": False, "stable": True}
-            assert "calibration" not in rec
+            assert "whole_model" not in rec
     assert len(sessions) == 1
-    # the calibrated parts of the parent, and of its first half, add up to the whole models timed with them
-    # (unless the fit fell back to the parent alone, which it records)
+    # a model of one variant throughout is predicted as it was timed (the no-op FFN costs nothing)
     prof = load_scenario_profile(store, "cpu-b2")
-    parent = parent_model_config(llama_config(), "config.json")
-    cal = store.get_json("profile/cpu-b2/non_block.json")["calibration"]
-    for blocks, prefix in ((parent.block_configs, "whole"), (parent.block_configs[: LAYERS // 2], "half")):
-        pred = predict(prof, blocks)
-        if prefix == "whole" or not cal.get("decode_fallback"):
-            assert math.isclose(pred.decode_s, cal[f"{prefix}_decode_s"], rel_tol=1e-9)
-        if prefix == "whole" or not cal.get("prefill_fallback"):
-            assert math.isclose(pred.prefill_s, cal[f"{prefix}_prefill_s"], rel_tol=1e-9)
+    for name in ("attn_g2", "attn_g4"):
+        rec = store.get_json(f"profile/cpu-b2/{name}.json")
+        blocks = [BlockConfig(AttentionVariant.gqa(int(name[6:])), FFNVariant.noop())] * LAYERS
+        if rec["decode_s"] > 0:
+            assert math.isclose(predict(prof, blocks).decode_s, statistics.median(rec["whole_model"]["decode_s"]),
+                                rel_tol=1e-9)
     # Metrics the framework wrote for the units
     prom = "".join(store.get_text(k) for k in store.list("metrics") if k.endswith(".prom"))
     assert "puzzle_profile_prefill_seconds" in prom and "puzzle_profile_decode_seconds" in prom
@@ -156,29 +149,23 @@ def test_every_variant_profiled_on_cpu_writes_well_formed_json(run):
     assert not run_step("profile", run_uri, us[0])
 
 
-def test_calibration_fits_the_whole_parent_and_its_half_exactly():
-    from puzzle.profiling.profiler import calibration
+def test_whole_model_costs_are_the_models_less_the_no_op_model_per_layer():
+    from puzzle.profiling.profiler import variant_model, whole_model_costs
 
-    cfg = parent_model_config(llama_config(), "config.json")  # 3 layers; its half is layer 0
-    a, f = cfg.block_configs[0].attention, cfg.block_configs[0].ffn
-    recs = {("non_block", None): {"prefill_s": 0.5, "decode_s": 1.0},
-            ("attention", a): {"prefill_s": 1.0, "decode_s": 3.0},
-            ("ffn", f): {"prefill_s": 1.0, "decode_s": 1.0}}  # blocks: 2 s prefill, 4 s decode a layer
-    whole = [(9.0, 30.0), (8.0, 20.0), (7.0, 99.0)]  # medians: 8 s prefill, 30 s decode
-    half = [(3.0, 14.0), (4.0, 16.0), (3.5, 12.0)]  # medians: 3.5 s, 14 s
-    cal = calibration(cfg, recs, whole, half, 1)
-    # decode: 30 = x + k * 12 and 14 = x + k * 4  ->  k = 2, x = 6
-    assert cal["block_factor_decode"] == 2.0 and cal["non_block_decode_s"] == 6.0
-    # prefill: 8 = x + k * 6 and 3.5 = x + k * 2  ->  k = 1.125, x = 1.25
-    assert cal["block_factor_prefill"] == 1.125 and cal["non_block_prefill_s"] == 1.25
-    assert cal["measured_non_block_decode_s"] == 1.0 and cal["generations"] == 3 and cal["half_layers"] == 1
-    # a fit the noise made implausible (a negative intercept) falls back to scaling the blocks to the whole
-    bad = calibration(cfg, recs, whole, [(7.9, 29.0)], 1)
-    assert bad["decode_fallback"] and bad["non_block_decode_s"] == 1.0
-    assert bad["block_factor_decode"] == (30.0 - 1.0) / 12.0
-    # no half (a one-layer parent): the one-point scale
-    one = calibration(cfg, recs, whole, [], 0)
-    assert one["half_layers"] is None and one["non_block_decode_s"] == 1.0 and "decode_fallback" not in one
+    cfg = parent_model_config(llama_config(), "config.json")  # 3 layers
+    g4, f = AttentionVariant.gqa(4), cfg.block_configs[0].ffn
+    times = {("non_block", None): (0.5, 1.0), ("attention", g4): (2.0, 7.0), ("ffn", f): (3.5, 0.7)}
+    costs = whole_model_costs(times, LAYERS)
+    assert costs[("non_block", None)] == (0.5, 1.0)
+    assert costs[("attention", g4)] == (0.5, 2.0)  # (2 - 0.5) / 3, (7 - 1) / 3
+    # the FFN's decode came out below the no-op model (noise): it costs 0, never a negative time
+    assert costs[("ffn", f)] == (1.0, 0.0)
+    # the model a variant is timed as: it in every layer, the other kind removed; non_block: no-op layers
+    m = variant_model(cfg, "attention", g4)
+    assert m.num_hidden_layers == LAYERS and all(b == BlockConfig(g4, FFNVariant.noop()) for b in m.block_configs)
+    assert all(b.attention.no_op and b.ffn == f for b in variant_model(cfg, "ffn", f).block_configs)
+    assert all(b.attention.no_op and b.ffn.no_op for b in variant_model(cfg, "non_block", None).block_configs)
+    assert (m.hidden_size, m.vocab_size) == (cfg.hidden_size, cfg.vocab_size)
 
 
 def test_memory_matches_hand_computed_bytes():
@@ -487,7 +474,7 @@ def test_a_scenario_unit_reuses_the_cache_only_as_the_whole_set_it_measured_toge
     second = profile(create_run(cfg("cpu-b2"), run_id="set-2"), "cpu-b2")  # the whole set: reused
     for _, v in CACHED_UNITS:
         assert second[v]["reused"]["digest"] == digest
-        for f in ("prefill_s", "decode_s", "calibration", "uncalibrated", "method"):
+        for f in ("prefill_s", "decode_s", "whole_model", "method"):
             assert second[v][f] == first[v][f], f
 
     # one entry gone: the others are not mixed with a new measurement of it; all are measured again

@@ -361,12 +361,15 @@ def cost_plan(config: PuzzleConfig, cfg: ModelConfig, attention: Sequence[str], 
                 est = estimate_costs(kind, v, cfg, sc.batch_size, sc.input_len, sc.output_len, sc.dtype,
                                      sc.device, config.profile.estimate_peak_tflops,
                                      config.profile.estimate_bandwidth_gbps)
-                # prefill and decode_points steps, each repeated, on a stack of replicas as deep as the
-                # model, once per build
-                prof_s += config.profile.rebuilds * reps * n * (
-                    est["prefill_s"] + config.profile.decode_points * est["decode_s"] / sc.output_len)
+                if cpu:  # a whole model of the variant's n layers: one untimed and `repeats` generations a round
+                    prof_s += config.profile.rebuilds * (1 + config.profile.repeats) * n * (
+                        est["prefill_s"] + est["decode_s"])
+                else:  # prefill and decode_points steps, each repeated, on a stack of replicas as deep as
+                    # the model, once per build
+                    prof_s += config.profile.rebuilds * reps * n * (
+                        est["prefill_s"] + config.profile.decode_points * est["decode_s"] / sc.output_len)
                 prof_units += 0 if cpu else 1
-        # non_block, or (CPU) the one unit of the scenario, which also times whole-model generations
+        # non_block, or (CPU) the one unit of the scenario
         prof_units += 1
     rows.append(StepCost("profile", prof_units, True, 0.0, prof_s / 3600 + prof_units * 20 / 3600,
                          "roofline times x repetitions, plus ~20 s of start-up and graph capture per unit"))

@@ -3,8 +3,8 @@
 - ``puzzle.profiling.throughput``: ``load_scenario_profile(store, scenario)``, ``predict(profile,
   block_configs) -> Prediction``, ``variant_costs(profile, kind, name)``: what solve and evaluate use.
 - ``puzzle.profiling.profiler``: ``profile_unit(...)`` measures one variant (or the non-block parts) on
-  one scenario (a GPU unit); ``profile_scenario(...)`` measures all of a scenario's variants in turns
-  and calibrates them to the whole parent-shaped model (a CPU unit); the ``profile`` step writes each
+  one scenario (a GPU unit); ``profile_scenario(...)`` measures all of a scenario's variants in turns,
+  on a CPU each as a whole model of it less one of no-op layers (a CPU unit); the ``profile`` step writes each
   record to ``profile/<scenario>/<variant>.json``.
 - ``puzzle.profiling.cache``: ``profile_unit_cached(...)`` / ``profile_scenario_cached(...)``, the same
   through the profile cache beside the runs (``profiles/<digest>/``), so a rerun on the same device and

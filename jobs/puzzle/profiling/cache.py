@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 #: Bumped whenever the meaning of a cached record changes (method, replicas, fields), so records of an
 #: older profiler are never mistaken for new ones.
-FORMAT_VERSION = 3  # 3: CPU scenarios measured in turns in one unit, fitted to two whole models
+FORMAT_VERSION = 4  # 3: CPU scenarios in turns, fitted to two whole models; 4: CPU variants timed as whole models
 
 
 def entry_name(kind: str, variant: AttentionVariant | FFNVariant | None) -> str:
@@ -66,7 +66,8 @@ def cache_key(cfg: ModelConfig, scenario: Scenario, settings: ProfileConfig, dev
               interleaved: bool = False) -> dict[str, Any]:
     """What the digest of a profile-cache root is computed from (see the module docstring). Records of a
     scenario measured interleaved (:func:`puzzle.profiling.profiler.profile_scenario`) live under their
-    own digest: they are calibrated, and only reused as the whole set they were measured in."""
+    own digest: they are measured together (on a CPU, as whole models less one no-op model), and only
+    reused as the whole set they were measured in."""
     dev: dict[str, Any] = {"name": device_name(device), "torch": torch.__version__}
     if device.type == "cuda":
         dev["cuda"] = torch.version.cuda

@@ -16,8 +16,8 @@ When the target device is absent (scenario device ``cuda`` on a CPU-only machine
 roofline estimate of ``puzzle.profiling.roofline``, with ``"estimate": true``.
 
 ``profile_unit`` measures one variant (a GPU unit); ``profile_scenario`` measures a scenario's variants
-in turns in one process and, on a CPU, fits them to two whole models timed with them (a CPU unit; see
-its docstring for why).
+in turns in one process (a CPU unit), and on a CPU times each variant as a whole model instead of a
+part: the variant in every layer, less a model of no-op layers (see its docstring for why).
 
 Every timing is held to ``profile.max_rel_spread`` (taken again up to ``profile.attempts`` times, see
 ``puzzle.profiling.timing``); the record's ``stability`` says whether all of them came within it, the
@@ -37,6 +37,7 @@ from torch import nn
 from puzzle.config import ProfileConfig, Scenario
 from puzzle.model import (
     AttentionVariant,
+    BlockConfig,
     DeciLMForCausalLM,
     FFNVariant,
     ModelConfig,
@@ -51,7 +52,7 @@ from puzzle.model import (
 from puzzle.model.counts import Counts
 from puzzle.model.io import torch_dtype
 from puzzle.model.modeling import RMSNorm, rope_inv_freq
-from puzzle.profiling.bench import GenerationTimer
+from puzzle.profiling.bench import measure_interleaved
 from puzzle.profiling.device import device_name, target_device
 from puzzle.profiling.engine import (
     AttnBlock,
@@ -267,27 +268,23 @@ def profile_unit(cfg: ModelConfig, kind: str, name: str, scenario: Scenario, set
 
 
 def profile_scenario(cfg: ModelConfig, units: list[tuple[str, str]], scenario: Scenario, settings: ProfileConfig,
-                     seed: int = 0, calibrate: bool | None = None) -> list[dict[str, Any]]:
+                     seed: int = 0, whole_models: bool | None = None) -> list[dict[str, Any]]:
     """The profile records of every (kind, variant) in ``units`` on one scenario, measured in one process
-    with the variants taken in turns: ``profile.rebuilds`` rounds, each building and timing every
-    variant once, the median build of each kept.
+    with the variants taken in turns over ``profile.rebuilds`` rounds.
 
     On a shared CPU the machine's speed drifts within minutes by more than two variants differ (one
     block's time moved by up to 35% between separate processes on a 2-core VM): variants measured one
     unit at a time would each carry a different draw of it, and the solver would rank noise. Taken in
     turns, every variant sees the same spread of machine states.
 
-    ``calibrate`` (default: on a CPU, where the parent fits in :data:`_CALIBRATE_BYTES`) also times two
-    whole models in every round, through the engine of a measurement, random weights: the parent's
-    shape and its first half of layers. On a CPU the sum of parts misses a cost the whole model pays
-    once per step: the tiny parent's whole generations fit ``0.143 s + 0.164 s x layers`` where its
-    per-layer parts sum to 0.166 s and its non-block unit to 0.033 s (a 2-layer child was predicted 17%
-    too fast). So the records are fitted to the two: block costs scaled by ``block_factor`` (prefill and
-    decode each) and the non-block cost replaced by the intercept, ``whole = non_block + block_factor x
-    blocks``, which both models obey exactly; children between the two sizes (a 2x child is about half
-    the parent) are interpolated, not extrapolated. The solver stays linear. The measured seconds stay
-    in ``uncalibrated``; ``calibration`` records the two models' times and the fit. A one-layer parent
-    has no half: its block costs are scaled to the whole model alone.
+    ``whole_models`` (default: on a CPU, where the parent fits in :data:`_WHOLE_BYTES`): each variant is
+    timed as a whole model, not as a part (:func:`whole_model_costs`). On a CPU a part timed alone does
+    not cost what it costs inside a model: the tiny parent's whole generations fit ``0.143 s + 0.164 s x
+    layers`` where its non-block part alone takes 0.033 s, and no fit of the parts to a few whole
+    models (scaled to the parent, fitted through the parent and its half, or per kind through five
+    shapes) kept a run's children within 10% (``benchmarks/bench_cpu_fit.py``; BENCHMARKS.md). Otherwise
+    (a GPU, or a parent too large to time whole on a CPU) every variant's part is timed on its own, the
+    median of ``profile.rebuilds`` builds kept.
     """
     keys = [(kind, parse_variant(kind, name, cfg)) for kind, name in units]
     records: list[dict[str, Any] | None] = []
@@ -301,118 +298,101 @@ def profile_scenario(cfg: ModelConfig, units: list[tuple[str, str]], scenario: S
             todo.setdefault(key, rec)
     if device is None:
         return [r for r in records if r is not None]
-    if calibrate is None:
-        calibrate = device.type == "cpu" and _whole_bytes(cfg, scenario) <= _CALIBRATE_BYTES
-    if calibrate:  # the parts of the parent must be timed with the rest, requested or not
-        for kind, v in _parent_parts(cfg):
-            if (kind, v) not in todo and not (v is not None and v.no_op):
-                todo[(kind, v)] = _unmeasured(cfg, kind, v.name if v is not None else "non_block", v, scenario,
-                                              settings)[0]
-    builds: dict[tuple[str, Any], list[_Build]] = {k: [] for k in todo}
-    whole: list[tuple[float, float]] = []
-    half: list[tuple[float, float]] = []
-    n_half = cfg.num_hidden_layers // 2
-    half_cfg = cfg.with_blocks(cfg.block_configs[:n_half]) if n_half >= 1 else None
+    if whole_models is None:
+        whole_models = device.type == "cpu" and _whole_bytes(cfg, scenario) <= _WHOLE_BYTES
     session = uuid.uuid4().hex[:12]
-    clock = cpu_clock(settings.cpu_clock)
-    for r in range(settings.rebuilds):
-        for kind, v in todo:
-            builds[(kind, v)].append(_measure_build(cfg, kind, v, scenario, settings, device, r, seed))
-        if calibrate:
-            warm = 1 if r == 0 else 0
-            whole += time_whole_model(cfg, scenario, device, clock, seed + r, warm, _CALIBRATE_GENERATIONS)
-            if half_cfg is not None:
-                half += time_whole_model(half_cfg, scenario, device, clock, seed + r, warm, _CALIBRATE_GENERATIONS)
-    done_recs: dict[tuple[str, Any], dict[str, Any]] = {}
-    for key, rec in todo.items():
-        done_recs[key] = _finish(rec, builds[key], settings, device)
-        done_recs[key]["method"]["interleaved"] = {"session": session, "rounds": settings.rebuilds,
-                                                   "variants": len(todo)}
-    if calibrate:
-        cal = calibration(cfg, done_recs, whole, half, n_half)
-        O = scenario.output_len
-        for (kind, _), rec in done_recs.items():
-            rec["uncalibrated"] = {"prefill_s": rec["prefill_s"], "decode_s": rec["decode_s"]}
-            if kind == "non_block":
-                rec["prefill_s"], rec["decode_s"] = cal["non_block_prefill_s"], cal["non_block_decode_s"]
-            else:
-                rec["prefill_s"] *= cal["block_factor_prefill"]
-                rec["decode_s"] *= cal["block_factor_decode"]
-            rec["decode_step_s"] = rec["decode_s"] / O
-            rec["calibration"] = cal
+    if whole_models:
+        done_recs = _measure_whole_models(cfg, todo, scenario, settings, device, seed)
+    else:
+        builds: dict[tuple[str, Any], list[_Build]] = {k: [] for k in todo}
+        for r in range(settings.rebuilds):
+            for kind, v in todo:
+                builds[(kind, v)].append(_measure_build(cfg, kind, v, scenario, settings, device, r, seed))
+        done_recs = {key: _finish(rec, builds[key], settings, device) for key, rec in todo.items()}
+    for rec in done_recs.values():
+        rec["method"]["interleaved"] = {"session": session, "rounds": settings.rebuilds, "variants": len(todo)}
     return [rec if rec is not None else dict(done_recs[key], variant=name)
             for (_, name), key, rec in zip(units, keys, records)]
 
 
-# Calibration: whole models up to this size (weights + KV cache) are timed; two generations a round.
-_CALIBRATE_BYTES = 8 * 2**30
-_CALIBRATE_GENERATIONS = 2
+# Whole-model profiles: parents up to this size (weights + KV cache) are timed whole on a CPU.
+_WHOLE_BYTES = 8 * 2**30
 
 
-def _parent_parts(cfg: ModelConfig) -> list[tuple[str, Any]]:
-    """(kind, variant) of the parent's non-block parts and of every distinct block variant it has."""
-    parts: list[tuple[str, Any]] = [("non_block", None)]
-    for b in cfg.block_configs:
-        for kind, v in (("attention", b.attention), ("ffn", b.ffn)):
-            if (kind, v) not in parts:
-                parts.append((kind, v))
-    return parts
+def variant_model(cfg: ModelConfig, kind: str, variant: Any) -> ModelConfig:
+    """The whole model a variant is timed as: the variant in every one of the parent's layers, the other
+    kind of sub-block removed (no_op); ``kind="non_block"``: every layer a no_op (embedding, final norm,
+    LM head and the engine's per-step work only)."""
+    blocks = [BlockConfig(variant if kind == "attention" else AttentionVariant.noop(),
+                          variant if kind == "ffn" else FFNVariant.noop())] * cfg.num_hidden_layers
+    return cfg.with_blocks(blocks)
+
+
+def whole_model_costs(times: dict[tuple[str, Any], tuple[float, float]], layers: int
+                      ) -> dict[tuple[str, Any], tuple[float, float]]:
+    """Per-layer (prefill s, decode s) of every variant from the times of the whole models it was timed
+    as (:func:`variant_model`; ``times`` holds ("non_block", None) too): a variant costs its model's time
+    less the no-op model's, over the layers, and the non-block parts cost the no-op model. A child is
+    then the no-op model plus the costs of its layers, so a model of one variant throughout is predicted
+    exactly as it was timed. Noise can put a very cheap variant below the no-op model: it costs 0."""
+    base = times[("non_block", None)]
+    return {key: base if key[0] == "non_block" else
+            tuple(max(0.0, (t - b) / layers) for t, b in zip(ts, base))  # type: ignore[misc]
+            for key, ts in times.items()}
+
+
+def _measure_whole_models(cfg: ModelConfig, todo: dict[tuple[str, Any], dict[str, Any]], scenario: Scenario,
+                          settings: ProfileConfig, device: torch.device, seed: int
+                          ) -> dict[tuple[str, Any], dict[str, Any]]:
+    """The records of ``todo`` from whole models (:func:`variant_model`), the no-op model always among
+    them: every round builds each afresh (random weights) and times ``profile.repeats`` generations of
+    each in turns, after one untimed; each model's time is the median over the rounds' medians."""
+    keys = list(todo) + ([("non_block", None)] if ("non_block", None) not in todo else [])
+    clock = cpu_clock(settings.cpu_clock) if device.type == "cpu" else "cuda_events"
+    dtype = torch_dtype(scenario.dtype)
+    rounds: list[list[Any]] = []
+    for r in range(settings.rebuilds):
+        torch.manual_seed(seed + r)
+        models = [_init_(DeciLMForCausalLM(variant_model(cfg, k, v)).to(device=device, dtype=dtype)).eval()
+                  for k, v in keys]
+        rounds.append(measure_interleaved(models, scenario, warmup=1, repeats=settings.repeats,
+                                          cuda_graphs=False, seed=seed + r, clock=clock))
+        del models
+    times = {key: (statistics.median(rnd[i].prefill_s for rnd in rounds),
+                   statistics.median(rnd[i].decode_s for rnd in rounds)) for i, key in enumerate(keys)}
+    costs = whole_model_costs(times, cfg.num_hidden_layers)
+    O = scenario.output_len
+    out: dict[tuple[str, Any], dict[str, Any]] = {}
+    for i, key in enumerate(keys):
+        if key not in todo:
+            continue
+        spreads = [rnd[i].rel_spread for rnd in rounds]
+        worst = max(range(len(rounds)), key=lambda r: spreads[r])
+        rec = todo[key]
+        rec.update({
+            "device": device_name(device), "estimate": False,
+            "method": {"kind": "whole_model", "clock": clock, "layers": cfg.num_hidden_layers,
+                       "rounds": settings.rebuilds, "generations": settings.repeats,
+                       "model": "non-block parts and no-op layers" if key[0] == "non_block" else
+                       f"this {key[0]} in every layer, the other kind removed; cost = (its time - the no-op "
+                       f"model's) / {cfg.num_hidden_layers}"},
+            "prefill_s": costs[key][0], "prefill": None, "decode_points": None, "decode_fit": None,
+            "decode_s": costs[key][1], "decode_step_s": costs[key][1] / O,
+            "whole_model": {"prefill_s": [rnd[i].prefill_s for rnd in rounds],
+                            "decode_s": [rnd[i].decode_s for rnd in rounds],
+                            "no_op_prefill_s": [rnd[keys.index(("non_block", None))].prefill_s for rnd in rounds],
+                            "no_op_decode_s": [rnd[keys.index(("non_block", None))].decode_s for rnd in rounds]},
+            "stability": {"measured": True, "stable": spreads[worst] <= settings.max_rel_spread,
+                          "rel_spread": spreads[worst], "worst": f"whole-model generations, round {worst + 1}",
+                          "max_rel_spread": settings.max_rel_spread, "attempts": 1, "remeasured": 0}})
+        out[key] = rec
+    return out
 
 
 def _whole_bytes(cfg: ModelConfig, scenario: Scenario) -> int:
     c = model_counts(cfg)
     return c.weight_bytes(scenario.dtype) + c.kv_cache_bytes(
         scenario.batch_size, scenario.input_len + scenario.output_len, scenario.dtype)
-
-
-@torch.no_grad()
-def time_whole_model(cfg: ModelConfig, scenario: Scenario, device: torch.device, clock: str, seed: int,
-                     warmup: int, generations: int) -> list[tuple[float, float]]:
-    """(prefill s, decode s) of ``generations`` greedy generations of the scenario through the whole
-    model of ``cfg`` (random weights) on the measurements' engine, after ``warmup`` untimed ones."""
-    torch.manual_seed(seed)
-    model = _init_(DeciLMForCausalLM(cfg).to(device=device, dtype=torch_dtype(scenario.dtype))).eval()
-    timer = GenerationTimer(model, scenario, device, cuda_graphs=False, seed=seed, clock=clock)
-    try:
-        return [t for i, t in enumerate(timer.once() for _ in range(warmup + generations)) if i >= warmup]
-    finally:
-        timer.close()
-
-
-def calibration(cfg: ModelConfig, recs: dict[tuple[str, Any], dict[str, Any]], whole: list[tuple[float, float]],
-                half: list[tuple[float, float]], n_half: int) -> dict[str, Any]:
-    """The fit ``time = non_block + block_factor x blocks`` through the whole parent (``whole``: its
-    generations' (prefill s, decode s)) and its first ``n_half`` layers (``half``; empty: a one-point
-    fit, the non-block cost kept as measured), for prefill and decode each; ``blocks`` is the sum of
-    the measured block records in ``recs`` (keyed by (kind, variant); no_op parts cost zero)."""
-    def blocks(configs: Any, field: str) -> float:
-        return sum(0.0 if v.no_op else float(recs[(kind, v)][field])
-                   for b in configs for kind, v in (("attention", b.attention), ("ffn", b.ffn)))
-
-    out: dict[str, Any] = {
-        "kind": "fit of the parent-shaped model and its first half of layers, timed whole in the same rounds",
-        "whole_layers": cfg.num_hidden_layers, "half_layers": n_half if half else None,
-        "generations": len(whole)}
-    for phase, i, field in (("prefill", 0, "prefill_s"), ("decode", 1, "decode_s")):
-        t_whole = statistics.median(x[i] for x in whole)
-        b_whole = blocks(cfg.block_configs, field)
-        nb = float(recs[("non_block", None)][field])
-        factor, intercept = (t_whole - nb) / b_whole if b_whole > 0 else 1.0, nb
-        if half:
-            t_half = statistics.median(x[i] for x in half)
-            b_half = blocks(cfg.block_configs[:n_half], field)
-            out[f"half_{phase}_s"], out[f"half_blocks_{phase}_s"] = t_half, b_half
-            fit = (t_whole - t_half) / (b_whole - b_half) if b_whole > b_half else 0.0
-            if 0.5 <= fit <= 2.0 and t_whole - fit * b_whole >= 0:
-                factor, intercept = fit, t_whole - fit * b_whole
-            else:  # the two models' noise, not the machine: keep scaling the blocks to the whole alone
-                log.warning("profile calibration (%s): fit factor %.3g, intercept %.3g s is implausible; scaling "
-                            "the blocks to the whole model alone", phase, fit, t_whole - fit * b_whole)
-                out[f"{phase}_fallback"] = True
-        out.update({f"whole_{phase}_s": t_whole, f"whole_blocks_{phase}_s": b_whole,
-                    f"measured_non_block_{phase}_s": nb,
-                    f"block_factor_{phase}": factor, f"non_block_{phase}_s": intercept})
-    return out
 
 
 @torch.no_grad()

@@ -10,9 +10,9 @@ A variant unit measures the variant on the scenario's device with
 ``puzzle.profiling.profiler.profile_unit`` (prefill, decode steps across the output range, exact weight
 and KV-cache bytes); when the scenario's device is absent here it writes the roofline estimate instead,
 marked ``"estimate": true``. A scenario unit (CPU scenarios) measures all of them in one process, taken
-in turns over ``profile.rebuilds`` rounds, and calibrates them to the whole parent-shaped model timed
-in the same rounds (``profile_scenario``): on a shared CPU the machine's speed drifts between
-processes by more than variants differ. Either writes ``profile/<scenario>/<variant>.json`` per
+in turns over ``profile.rebuilds`` rounds, each variant timed as a whole model (it in every layer)
+less a model of no-op layers (``profile_scenario``): on a shared CPU the machine's speed drifts between
+processes by more than variants differ, and a part timed alone does not cost what it costs in a model. Either writes ``profile/<scenario>/<variant>.json`` per
 variant. Only the parent's config.json is read: variants are timed with random weights of the right
 shapes, since time does not depend on the values.
 
@@ -117,10 +117,8 @@ def _write(ctx: StepContext, scenario: str, rec: dict) -> None:
     ctx.metrics.set("profile_rel_spread", float(rec["stability"].get("rel_spread", 0.0)),
                     help="Worst (p90 - p10) / median of the unit's timings (0 when nothing was measured)", **labels)
     how = "estimate" if rec["estimate"] else ("reused " + rec["reused"]["from"] if rec.get("reused") else rec["device"])
-    cal = rec.get("calibration")
-    if cal and not rec.get("reused"):
-        how += (f", fitted to whole models: non-block {cal['non_block_decode_s']:.3g} s decode, blocks "
-                f"x{cal['block_factor_decode']:.3f}" if rec["kind"] == "non_block" else "")
+    if rec["method"]["kind"] == "whole_model" and not rec.get("reused"):
+        how += f", timed as whole models of {rec['method']['layers']} layers"
     log.info("profile %s/%s: prefill %.3g s, decode %.3g s (%s)", scenario, variant,
              rec["prefill_s"], rec["decode_s"], how)
     if not rec["stability"]["stable"]:
