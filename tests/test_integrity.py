@@ -184,6 +184,11 @@ def test_status_shows_a_failed_unit_with_its_error(tmp_path, parent_dir, capsys)
     assert main(["status", uri]) == 0
     out = capsys.readouterr().out
     assert "failed broken: UnitError: blocks: variant 'attn_g3'" in out and "(exit 2," in out
+    # the run's folder as `ls` shows it names the same run; a path that is no run exits 2, saying so
+    assert main(["status", uri.removeprefix("file://")]) == 0 and capsys.readouterr().out == out
+    with pytest.raises(SystemExit) as e:
+        main(["status", str(tmp_path / "no-such-run")])
+    assert e.value.code == 2 and "is not a run: no run folder" in capsys.readouterr().err
 
 
 def test_ctrl_c_prints_what_was_saved_and_the_resume_command(tmp_path, parent_dir):

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from puzzle.commands import run_uri
 from puzzle.config import ProfileConfig, Scenario, format_validation_error, load_config
 from puzzle.errors import UserError
 
@@ -51,7 +52,7 @@ def register(sub) -> None:
     t.add_argument("--no-cuda-graphs", action="store_true", help="run eagerly on GPU (for comparison)")
     t.add_argument("--backend", choices=("torch", "vllm"), default="torch",
                    help="torch (default, what profiles measure) or vllm (needs vLLM installed)")
-    t.add_argument("--run", default=None, metavar="RUN_URI", help="also predict from this run's profiles")
+    t.add_argument("--run", default=None, metavar="RUN_URI", type=run_uri, help="also predict from this run's profiles")
     t.add_argument("--json", type=Path, default=None, help="write the result here as JSON")
     t.set_defaults(func=_throughput)
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from puzzle.commands import run_uri
 from puzzle.errors import UserError
 
 
 def register(sub) -> None:
     p = sub.add_parser("fetch", help="copy a complete child model out of a run's store")
-    p.add_argument("run", metavar="RUN_URI", help="the run's root: file://... or s3://BUCKET/PREFIX/RUN_ID")
+    p.add_argument("run", metavar="RUN_URI", type=run_uri, help="the run's root: file://... or s3://BUCKET/PREFIX/RUN_ID")
     p.add_argument("dest", type=Path, metavar="DEST", help="local directory to write the model into")
     p.add_argument("--solution", default="sol-0", metavar="ID",
                    help="which model: sol-0, sol-1, ..., a baseline (baseline-uniform-ffn-m1.0, baseline-drop-3, ...: "

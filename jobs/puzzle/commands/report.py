@@ -15,12 +15,13 @@ import tempfile
 import webbrowser
 from pathlib import Path
 
+from puzzle.commands import run_uri
 from puzzle.errors import UserError
 
 
 def register(sub) -> None:
     p = sub.add_parser("report", help="print a run's results (targets, table, comparisons) or open its HTML report")
-    p.add_argument("run", metavar="RUN_URI", help="the run's root: file://... or s3://BUCKET/PREFIX/RUN_ID")
+    p.add_argument("run", metavar="RUN_URI", type=run_uri, help="the run's root: file://... or s3://BUCKET/PREFIX/RUN_ID")
     p.add_argument("--open", action="store_true", help="open report.html in a browser")
     p.add_argument("--json", action="store_true", help="print report.json")
     p.set_defaults(func=_main)

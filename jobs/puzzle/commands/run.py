@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from puzzle.commands import run_uri
 from puzzle.config import load_config
 from puzzle.errors import EXIT_BAD_INPUT, EXIT_FAILED, UserError
 from puzzle.run import create_run
@@ -23,7 +24,7 @@ from puzzle.run import create_run
 def register(sub) -> None:
     p = sub.add_parser("run", help="run the whole pipeline locally (artifacts in the config's store)")
     p.add_argument("config", nargs="?", help="run config (YAML)")
-    p.add_argument("--resume", metavar="RUN_URI", help="continue an earlier run; nothing completed is redone")
+    p.add_argument("--resume", metavar="RUN_URI", type=run_uri, help="continue an earlier run; nothing completed is redone")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: one per GPU, else 2 on CPU); several may share one GPU")
     p.add_argument("--run-id", default=None, help="use this run id instead of a fresh one")

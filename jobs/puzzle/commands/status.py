@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 
+from puzzle.commands import run_uri
+
 
 def register(sub) -> None:
     p = sub.add_parser("status", help="show a run's per-step progress (from its artifacts)")
-    p.add_argument("run", metavar="RUN_URI", help="the run's root: file://... or s3://BUCKET/PREFIX/RUN_ID")
+    p.add_argument("run", metavar="RUN_URI", type=run_uri, help="the run's root: file://... or s3://BUCKET/PREFIX/RUN_ID")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--record-final", default=None, metavar="STATUS",
                    help="record the workflow's final status in status.json (the exit handler uses this)")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from puzzle import launch, pipeline
+from puzzle.commands import run_uri
 from puzzle.context import STEP_NAMES, parse_unit, run_step
 from puzzle.errors import EXIT_BAD_INPUT, EXIT_FAILED, BadInputError, PuzzleError, describe_failure, exit_code
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 def register(sub) -> None:
     p = sub.add_parser("step", help="run one unit of one pipeline step (what each pod runs)")
     p.add_argument("name", choices=STEP_NAMES, help="the step")
-    p.add_argument("--run", required=True, metavar="RUN_URI", help="the run's root: file://... or s3://.../RUN_ID")
+    p.add_argument("--run", required=True, metavar="RUN_URI", type=run_uri, help="the run's root: file://... or s3://.../RUN_ID")
     p.add_argument("--unit", default=None, metavar="JSON", help='the work unit, a JSON object with an "id"')
     p.add_argument("--outputs", type=Path, default=None, metavar="DIR",
                    help="also write fan-out lists here (Argo output parameters)")
