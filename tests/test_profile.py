@@ -187,6 +187,31 @@ def test_memory_matches_hand_computed_bytes():
     assert nb["weight_bytes"] == 2 * (2 * VOCAB * HIDDEN + HIDDEN)  # embedding, untied head, final norm
 
 
+def test_a_whole_model_round_above_the_bound_is_taken_again(monkeypatch):
+    """A CPU scenario's round whose generations spread above profile.max_rel_spread is measured again, up
+    to profile.attempts times; the record says how often and whether it ever came within the bound. The
+    real measuring function runs; the spy only counts its calls."""
+    from puzzle.profiling import profiler
+
+    calls = []
+    real = profiler.measure_interleaved
+    monkeypatch.setattr(profiler, "measure_interleaved", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = parent_model_config(llama_config(), "config.json")
+    sc = Scenario(name="cpu-b2", batch_size=2, input_len=16, output_len=9, device="cpu")
+    units = [("attention", "attn_g4"), ("non_block", "non_block")]
+    strict = ProfileConfig(scenarios=[sc], warmup=0, repeats=2, rebuilds=2, attempts=3, max_rel_spread=1e-12)
+    recs = profiler.profile_scenario(cfg, units, sc, strict)
+    assert len(calls) == 2 * 3  # every round taken three times: no two generations agree to 1e-12
+    for rec in recs:
+        st = rec["stability"]
+        assert not st["stable"] and st["attempts"] == 3 and st["remeasured"] == 2 * 2
+        assert st["rel_spread"] > 1e-12 and len(rec["whole_model"]["decode_s"]) == 2
+    calls.clear()
+    loose = strict.model_copy(update={"max_rel_spread": 1e6})
+    recs = profiler.profile_scenario(cfg, units, sc, loose)
+    assert len(calls) == 2 and all(r["stability"]["stable"] and r["stability"]["remeasured"] == 0 for r in recs)
+
+
 def test_rebuilds_keep_the_build_of_median_time():
     """profile.rebuilds: the block is built and measured that many times (fresh weights and buffers each),
     the record is the build whose total (prefill + generation decode) is the median of all, and it lists

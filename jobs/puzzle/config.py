@@ -155,7 +155,9 @@ class ProfileConfig(_Strict):
         min_length=1, description="Serving targets (at least one, unique names): profile times every block "
         "variant on each; solve's throughput, memory and latency limits and evaluate's tokens/s use them.")
     warmup: int = Field(3, ge=0, description="Untimed repetitions before measuring.")
-    repeats: int = Field(10, ge=1, description="Timed repetitions; the median is used.")
+    repeats: int = Field(10, ge=1, description="Timed repetitions; the median is used. A CPU scenario's "
+                         "unit: generations of every variant's whole model per round; evaluate: generations "
+                         "of the model and of its parent, in turns.")
     rebuilds: int = Field(1, ge=1, description="Times profile builds each block afresh (new weights and buffers) "
                           "and measures it; the build of median total time is kept. A CPU scenario's unit takes "
                           "them as rounds: every variant's whole model (it in every layer) built and timed once "
