@@ -161,8 +161,9 @@ class ProfileConfig(_Strict):
     rebuilds: int = Field(1, ge=1, description="Times profile builds each block afresh (new weights and buffers) "
                           "and measures it; the build of median total time is kept. A CPU scenario's unit takes "
                           "them as rounds: every variant's whole model (it in every layer) built and timed once "
-                          "per round, in turns, the median over rounds kept. On a CPU a small block's time moves between builds and over minutes "
-                          "by more than between repeats of one build (10-35% measured on a 2-core VM), so CPU "
+                          "per round, in turns, the median over rounds kept. On a CPU a small block's time moves "
+                          "between builds and over minutes by more than between repeats of one build (10-35% "
+                          "measured on a 2-core VM), so CPU "
                           "targets want 3-5; 1 on a GPU.")
     decode_points: int = Field(5, ge=2, description="Context lengths sampled across the output range.")
     max_rel_spread: float = Field(

@@ -354,7 +354,8 @@ def _measure_whole_models(cfg: ModelConfig, todo: dict[tuple[str, Any], dict[str
     a part's timing is (:mod:`puzzle.profiling.timing`): the no-op model's generation is short (5-40 ms)
     and a neighbour's burst moves it most."""
     keys = list(todo) + ([("non_block", None)] if ("non_block", None) not in todo else [])
-    clock = cpu_clock(settings.cpu_clock) if device.type == "cpu" else "cuda_events"
+    base = keys.index(("non_block", None))
+    clock = cpu_clock(settings.cpu_clock)  # as evaluation passes it: a CUDA measurement reads events anyway
     dtype = torch_dtype(scenario.dtype)
     rounds: list[list[Any]] = []
     retaken = [0] * len(keys)  # per model: rounds it made retake
@@ -373,8 +374,8 @@ def _measure_whole_models(cfg: ModelConfig, todo: dict[tuple[str, Any], dict[str
                 break
             if attempt + 1 < settings.attempts:
                 log.info("profile %s: whole-model round %d spread above %.2f (%s); taking it again", scenario.name,
-                         r + 1, settings.max_rel_spread, ", ".join(f"{keys[i][0]}/{getattr(keys[i][1], 'name', '')}"
-                                                                  for i in over))
+                         r + 1, settings.max_rel_spread,
+                         ", ".join("non_block" if keys[i][1] is None else keys[i][1].name for i in over))
                 for i in over:
                     retaken[i] += 1
         assert best is not None
@@ -384,6 +385,8 @@ def _measure_whole_models(cfg: ModelConfig, todo: dict[tuple[str, Any], dict[str
                    statistics.median(rnd[i].decode_s for rnd in rounds)) for i, key in enumerate(keys)}
     costs = whole_model_costs(times, cfg.num_hidden_layers)
     O = scenario.output_len
+    no_op = {"no_op_prefill_s": [rnd[base].prefill_s for rnd in rounds],
+             "no_op_decode_s": [rnd[base].decode_s for rnd in rounds]}
     out: dict[tuple[str, Any], dict[str, Any]] = {}
     for i, key in enumerate(keys):
         if key not in todo:
@@ -401,9 +404,7 @@ def _measure_whole_models(cfg: ModelConfig, todo: dict[tuple[str, Any], dict[str
             "prefill_s": costs[key][0], "prefill": None, "decode_points": None, "decode_fit": None,
             "decode_s": costs[key][1], "decode_step_s": costs[key][1] / O,
             "whole_model": {"prefill_s": [rnd[i].prefill_s for rnd in rounds],
-                            "decode_s": [rnd[i].decode_s for rnd in rounds],
-                            "no_op_prefill_s": [rnd[keys.index(("non_block", None))].prefill_s for rnd in rounds],
-                            "no_op_decode_s": [rnd[keys.index(("non_block", None))].decode_s for rnd in rounds]},
+                            "decode_s": [rnd[i].decode_s for rnd in rounds], **no_op},
             "stability": {"measured": True, "stable": spreads[worst] <= settings.max_rel_spread,
                           "rel_spread": spreads[worst], "worst": f"whole-model generations, round {worst + 1}",
                           "max_rel_spread": settings.max_rel_spread, "attempts": settings.attempts,
