@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def evaluated(tmp_path_factory):
     # measure throughput on the CPU scenario and run a small ICL benchmark, as a user's config would
     text = store.get_text("config.yaml").replace(
         "eval: {tokens: 256, task_examples: 4, measure_throughput: false}",
-        "eval: {tokens: 256, task_examples: 4, measure_throughput: true, icl: {enabled: true, "
+        "eval: {tokens: 256, task_examples: 4, measure_throughput: true, throughput_repeats: 3, icl: {enabled: true, "
         "methods: [random, topk, cover_ls], num_demonstrations: 2, num_test: 2, num_beams: 2}}",
     )
     store.put_text("config.yaml", text)
@@ -51,7 +52,14 @@ def test_evaluate_writes_every_figure(evaluated):
     assert c["block_configs"][1] == {"attention": "attn_linear", "ffn": "ffn_i160"}
     assert c["params"] < p["params"]
     tc = c["throughput"]["cpu"]
-    assert math.isclose(tc["paired_speedup"], tc["measured"]["tokens_per_s"] / tc["reference_measured"]["tokens_per_s"])
+    # the speedup is the median of the pairs' ratios (one generation of each, back to back), not a ratio of
+    # the two medians, and its distribution-free interval holds it
+    got, ref = tc["measured"]["totals_s"], tc["reference_measured"]["totals_s"]
+    assert len(got) == len(ref) == tc["pairs"] == 3, "eval.throughput_repeats pairs"
+    assert math.isclose(tc["paired_speedup"], statistics.median(r / t for t, r in zip(got, ref)))
+    assert tc["paired_ci95"][0] <= tc["paired_speedup"] <= tc["paired_ci95"][1]
+    assert tc["paired_ci95"] == [min(r / t for t, r in zip(got, ref)), max(r / t for t, r in zip(got, ref))]
+    assert tc["paired_ci_coverage"] == 0.75, "3 pairs: (min, max) covers the median with 1 - 2/8"
     for r in (p, c):
         assert r["task"]["n"] == 4 and 0 <= r["task"]["accuracy"] <= 1
         t = r["throughput"]["cpu"]

@@ -66,7 +66,7 @@ UNITS = [
     {"id": "baseline-drop-1", "kind": "layer_drop", "block_configs": DROP, "predicted": _pred(200.0, 2.0),
      "description": "layer dropping: 1 of 2 layers removed ([1]), the most similar input/output first"},
 ]
-ICL = ("eval: {tokens: 256, task_examples: 4, measure_throughput: true, icl: {enabled: true, "
+ICL = ("eval: {tokens: 256, task_examples: 4, measure_throughput: true, throughput_repeats: 4, icl: {enabled: true, "
        "methods: [random, cover_ls], structure_predictor: oracle, num_demonstrations: 2, num_test: 2}}")
 TARGETS = "solve: {throughput: [{scenario: cpu, min_speedup: 1.5}], memory_gib: 1.0, max_params: 1000000}"
 ICL_ROW_KEYS = {"selection", "method", "split", "parent", "child", "retention", "parent_ci95", "child_ci95"}
@@ -122,7 +122,9 @@ def test_report_json_has_every_figure(run, tmp_path):
         paired = ev["throughput"]["cpu"]
         assert meas["speedup_method"] == "paired"
         assert meas["parent_tokens_per_s"] == paired["reference_measured"]["tokens_per_s"]
-        assert math.isclose(meas["speedup"], meas["tokens_per_s"] / meas["parent_tokens_per_s"])
+        # the median over pairs of the parent's generation time over the child's, with its interval
+        assert meas["speedup"] == paired["paired_speedup"] and meas["pairs"] == paired["pairs"] > 0
+        assert meas["speedup_ci95"][0] <= meas["speedup"] <= meas["speedup_ci95"][1]
         q = m["quality"]
         assert q["kl"] == ev["quality"]["kl"] > 0 and q["perplexity"] == ev["quality"]["perplexity"]
         assert q["task_accuracy"] == ev["task"]["accuracy"]
@@ -258,7 +260,7 @@ def _icl(acc: dict[str, float], ci: bool = True, selection: str | None = "paper"
 
 
 def _model(uid, kind, *, tps, paired_with, kl, acc, icl=None, pred=None, memory=0.5 * GiB, prefill=0.1, params=1500,
-           gpu_pred=None, description=None, blocks=PARENT):
+           gpu_pred=None, description=None, blocks=PARENT, ci=None):
     """(assemble unit, eval report) in the formats solve and evaluate write."""
     pred = pred or {"tokens_per_s": tps, "speedup": tps / 100.0}
     predicted = {"cpu": {"prefill_s": 0.1, "decode_s": 1.0, "memory_bytes": int(0.9 * GiB), "params": params,
@@ -270,6 +272,8 @@ def _model(uid, kind, *, tps, paired_with, kl, acc, icl=None, pred=None, memory=
     cpu = {"predicted": predicted["cpu"], "measured": measured, "measured_over_predicted": tps / predicted["cpu"]["tokens_per_s"]}
     if kind != "parent":
         cpu |= {"reference_measured": {**measured, "tokens_per_s": paired_with}, "paired_speedup": tps / paired_with}
+        if ci:  # as evaluate writes it now: the interval of the pairs' median (older reports have none)
+            cpu |= {"paired_ci95": list(ci), "pairs": 20}
     unit = {"id": uid, "kind": kind, "block_configs": blocks, "predicted": predicted,
             **({"description": description} if description else {})}
     ev = {"id": uid, "kind": kind, "block_configs": blocks, "predicted": predicted, "params": params, "gkd": None,
@@ -291,7 +295,7 @@ def synthetic_models() -> list[tuple[dict, dict]]:
         _model("sol-0", "puzzle", tps=200.0, paired_with=100.0, kl=0.05, acc=0.76,
                icl=_icl({"cover_ls": 0.60, "random": 0.10}), pred={"tokens_per_s": 230.0, "speedup": 2.3},
                memory=1.1 * GiB, blocks=SOLUTION),
-        _model("sol-1", "puzzle", tps=190.0, paired_with=100.0, kl=0.04, acc=0.78, params=2500,
+        _model("sol-1", "puzzle", tps=190.0, paired_with=100.0, ci=(1.8, 2.05), kl=0.04, acc=0.78, params=2500,
                gpu_pred={"tokens_per_s": 480.0}, blocks=SOLUTION),
         # uniform FFN: measured 150 / 93.75 = 1.60x and 240 / 100 = 2.40x: they bracket sol-0's 2.00x
         _model("baseline-uniform-ffn-m1.0", "uniform_ffn", tps=150.0, paired_with=93.75, kl=0.2, acc=0.72,
@@ -406,7 +410,8 @@ def test_constraints_met_and_missed(synthetic):
     assert "sol-0 meets every target by prediction; misses memory on cpu as measured" in text
     assert "speedup over the parent on cpu >= 2x" in text and "throughput on gpu >= 500 tokens/s" in text
     assert "sol-0: predicted 2.3x met; measured 2x met (paired with the parent, timed in turns with it)" in text
-    assert "sol-1: predicted 2x met; measured 1.9x MISSED" in text
+    assert ("sol-1: predicted 2x met; measured 1.9x MISSED (95% interval 1.8-2.05x; the median of 20 pairs of "
+            "generations, the parent's timed in turns with it)") in " ".join(text.split())
     assert "sol-0: predicted 520 tokens/s met; not measured (device 'cuda' is absent on this machine)" in text
     assert re.search(r"^sol-0\s.*met/miss$", text, re.MULTILINE), "memory measured over the limit"
     assert re.search(r"^sol-1\s.*miss/miss$", text, re.MULTILINE)
@@ -557,7 +562,7 @@ def test_summary_table_fits_110_columns_and_names_the_baselines(synthetic):
     assert re.search(r"^sol-0\s+230\s+2\.30x\s+200\s+100\s+2\.00x\s+0\.0500\s+76\.0%\s+95\.0%\s+met/miss$", text,
                      re.MULTILINE)
     assert re.search(r"^baseline-uniform-ffn-m1\.0\s.*\s150\s+94\s+1\.60x\s", text, re.MULTILINE)
-    assert "the parent timed in turns with that model in the same evaluate unit" in flat
+    assert "(the model's and the parent's, timed in turns in the same evaluate unit: paired, same load)" in flat
     assert "baseline-uniform-ffn-m1.0: uniform FFN: every FFN replaced by ffn_m1.0" in flat
     assert "baseline-drop-2: layer dropping: 1 of 2 layers removed ([1])" in flat, "described from its block configs"
     assert "At 2.00x measured speed on cpu, sol-0 keeps 95.0%" in flat

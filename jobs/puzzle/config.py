@@ -309,6 +309,11 @@ class EvalConfig(_Strict):
     task_examples: int = Field(100, ge=0, description="Tiny-task (SCAN) exact-match examples (0: off).")
     measure_throughput: bool = Field(True, description="Measure every model's tokens/s on each profile scenario "
                                      "whose device is present, next to the throughput model's prediction.")
+    throughput_repeats: int = Field(
+        20, ge=1, description="Timed generations of each model per scenario in an evaluate unit, the parent's "
+        "taken in turns with the model's: the measured speedup is the median of the pairs' ratios, with its "
+        "95% interval. On a shared 2-core CPU one pair's ratio moves by about 10% and the median of 5 pairs by "
+        "6% (1 sd), of 20 by 2% (BENCHMARKS.md).")
     baselines: bool = Field(True, description="Also build and evaluate the uniform-FFN and layer-drop baselines "
                             "(two settings each, bracketing the first solution's throughput).")
     generation_batch_size: int = Field(16, ge=1, description="Prompts generated together (task exact match, ICL).")

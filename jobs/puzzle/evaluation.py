@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -113,18 +114,23 @@ def throughput_figures(
     predicted: dict[str, Any] | None = None,
     seed: int = 0,
     reference: DeciLMForCausalLM | None = None,
+    repeats: int | None = None,
 ) -> dict[str, Any]:
     """Per scenario: the measured whole-model throughput (``puzzle.profiling.bench``) and the
     prediction of the throughput model, side by side. A scenario whose device is absent here is
     reported with ``measured: null`` and the reason, never with a guess.
 
     ``reference`` (the parent) is measured with the model, their generations taken in turns
-    (:func:`puzzle.profiling.bench.measure_interleaved`), so ``paired_speedup`` compares the two under
-    the same conditions: on a shared CPU the speed drifts between units, and within one unit by more
-    than a child differs from its neighbour, so a ratio of models timed apart would carry that drift."""
+    (:func:`puzzle.profiling.bench.measure_interleaved`): ``paired_speedup`` is the median over the
+    pairs (one generation of each, back to back) of the parent's time over the model's, with its
+    distribution-free 95% interval (``paired_ci95``). On a shared CPU the speed drifts between units
+    and within one unit by more than a child differs from its neighbour: a ratio of models timed apart
+    would carry that drift, and one of medians taken minutes apart part of it. ``repeats``: timed
+    generations of each model (default ``settings.repeats``; the evaluate step passes
+    ``eval.throughput_repeats``)."""
     from puzzle.profiling.bench import measure_interleaved
     from puzzle.profiling.device import target_device
-    from puzzle.profiling.timing import cpu_clock
+    from puzzle.profiling.timing import cpu_clock, median_interval
 
     # on a CPU, the clock the profiles were taken with: measured and predicted compare like with like
     clock = cpu_clock(settings.cpu_clock)
@@ -136,15 +142,19 @@ def throughput_figures(
                             "reason": f"device {sc.device!r} is absent on this machine"}
             continue
         got = measure_interleaved([model] if reference is None else [model, reference], sc,
-                                  warmup=settings.warmup, repeats=settings.repeats,
+                                  warmup=settings.warmup, repeats=repeats or settings.repeats,
                                   cuda_graphs=settings.cuda_graphs, seed=seed, clock=clock)
         m = got[0].to_dict()
         ratio = m["tokens_per_s"] / pred["tokens_per_s"] if pred and pred.get("tokens_per_s") else None
         out[sc.name] = {"predicted": pred, "measured": m, "measured_over_predicted": ratio}
         if reference is not None:
             ref = got[1].to_dict()
-            out[sc.name]["reference_measured"] = ref
-            out[sc.name]["paired_speedup"] = m["tokens_per_s"] / ref["tokens_per_s"]
+            pairs = [r / t for t, r in zip(m["totals_s"], ref["totals_s"])]
+            lo, hi, coverage = median_interval(pairs)
+            out[sc.name] |= {"reference_measured": ref, "paired_speedup": statistics.median(pairs),
+                             "paired_ci95": [lo, hi], "paired_ci_coverage": coverage, "pairs": len(pairs)}
+            if pred and pred.get("speedup"):
+                out[sc.name]["paired_speedup_over_predicted"] = out[sc.name]["paired_speedup"] / pred["speedup"]
     return out
 
 

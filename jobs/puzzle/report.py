@@ -102,6 +102,8 @@ def _measured(ev: dict[str, Any] | None, parent_ev: dict[str, Any] | None) -> di
             # the parent measured in the same unit, in turns with the model, when evaluate did that
             "speedup": paired if paired is not None else across,
             "speedup_method": "paired" if paired is not None else "parent unit",
+            "speedup_ci95": t.get("paired_ci95") if paired is not None else None,
+            "pairs": t.get("pairs") if paired is not None else None,
             "parent_tokens_per_s": ref.get("tokens_per_s") if paired is not None else
             (base or {}).get("tokens_per_s"),
             "speedup_vs_parent_unit": across,
@@ -385,14 +387,16 @@ def check_constraints(targets: list[dict[str, Any]], models: list[dict[str, Any]
             if pred is None:
                 pred = _constraint_value(c, m, "predicted")
             meas = _constraint_value(c, m, "measured")
-            how = None
+            how = ci = pairs = None
             if c["what"] in ("throughput", "speedup") and meas is not None:
-                how = ((m.get("measured") or {}).get(c["scenario"]) or {}).get("speedup_method")
+                got = (m.get("measured") or {}).get(c["scenario"]) or {}
+                how, ci, pairs = got.get("speedup_method"), got.get("speedup_ci95"), got.get("pairs")
             reason = _unmeasured_reason(m, c["scenario"]) if meas is None else None
             rows.append({"id": m["id"], "predicted": pred, "predicted_met": _met(pred, c["op"], c["target"]),
                          "measured": meas, "measured_met": _met(meas, c["op"], c["target"]),
                          **({"measured_reason": reason} if reason else {}),
-                         **({"speedup_method": how} if how and c["what"] == "speedup" else {})})
+                         **({"speedup_method": how} if how and c["what"] == "speedup" else {}),
+                         **({"ci95": ci, "pairs": pairs} if ci and c["what"] == "speedup" else {})})
         out.append({**c, "models": rows})
     return out
 
@@ -1109,7 +1113,10 @@ def constraint_lines(report: dict[str, Any]) -> list[str]:
             else:
                 meas = f"measured {_with_unit(r['measured'], c['unit'])} {_metword(r['measured_met'])}"
             if r.get("speedup_method") == "paired":
-                meas += " (paired with the parent, timed in turns with it)"
+                ci = r.get("ci95")
+                meas += (f" (95% interval {ci[0]:.3g}-{ci[1]:.3g}x; the median of {r.get('pairs')} pairs of "
+                         "generations, the parent's timed in turns with it)" if ci else
+                         " (paired with the parent, timed in turns with it)")
             out += _wrap(f"{r['id']}: predicted {_with_unit(r['predicted'], c['unit'])} "
                          f"{_metword(r['predicted_met'])}; {meas}", indent="    ", hang="      ")
     return out
@@ -1169,9 +1176,11 @@ def summary_table(report: dict[str, Any]) -> str:
                        ["model", "tok/s", "x", "tok/s", "parent*", "x", "KL nat/tok", "task acc", "kept", "pred/meas"],
                        rows, right={1, 2, 3, 4, 5, 6, 7, 8})
     n_task = report.get("task_examples")
-    notes = ("tok/s = tokens/s; x = speedup over the parent. Measured x = the model's tok/s / parent*, the "
-             "parent timed in turns with that model in the same evaluate unit (paired: same load), so each row "
-             "has its own parent figure; predicted x = predicted model / predicted parent. KL = KL(parent || "
+    notes = ("tok/s = tokens/s; x = speedup over the parent. Measured x = the median over pairs of generations "
+             "(the model's and the parent's, timed in turns in the same evaluate unit: paired, same load) of the "
+             "parent's time over the model's; parent* = that parent's median tok/s, so each row has its own parent "
+             "figure and x is near, not exactly, tok/s / parent*; predicted x = predicted model / predicted "
+             "parent. KL = KL(parent || "
              "model) in nats/token on held-out text; task acc = exact match on "
              f"{n_task if n_task else 'the'} tiny-task (SCAN) examples; kept = task acc / the parent's. "
              "targets = every solve target met by the prediction / by the measurement (— not measured).")
@@ -1244,11 +1253,16 @@ def _targets_html(report: dict[str, Any]) -> list[str]:
             rows.append([html.escape(c["name"]), html.escape(f"{c['op']} {_with_unit(c['target'], c['unit'])}"),
                          html.escape(r["id"]), html.escape(_with_unit(r["predicted"], c["unit"])),
                          _met_html(r["predicted_met"]), html.escape(_with_unit(r["measured"], c["unit"])),
-                         _met_html(r["measured_met"])])
-    parts.append(_table(["constraint", "target", "solution", "predicted", "", "measured", ""], rows))
+                         _met_html(r["measured_met"]),
+                         html.escape(f"{r['ci95'][0]:.3g}-{r['ci95'][1]:.3g}x ({r.get('pairs')} pairs)")
+                         if r.get("ci95") else "—"])
+    parts.append(_table(["constraint", "target", "solution", "predicted", "", "measured", "",
+                         "measured 95% interval"], rows))
     parts.append("<p class='note'>Predicted: the solver's own value (solutions.json) from the profiled costs. "
                  "Measured: tokens/s and prefill seconds timed by evaluate on this scenario's device; speedup = "
-                 "the model's tokens/s over the parent's, timed in turns with it in the same unit; memory = "
+                 "the median over pairs of generations (the model's and the parent's, timed in turns in the same "
+                 "unit) of the parent's time over the model's, with the distribution-free 95% interval of that "
+                 "median; memory = "
                  "weights + KV cache at batch x (input + output) tokens, in GiB (2^30 bytes); parameters counted "
                  "in the loaded model.</p>")
     return parts
@@ -1271,10 +1285,11 @@ def _summary_html(report: dict[str, Any]) -> list[str]:
                     "parent measured tokens/s, same unit*", "measured speedup (x)*", "KL to parent (nats/token)",
                     "perplexity", "task accuracy", "task accuracy kept", "predicted memory (GiB)",
                     "measured memory (GiB)", "parameters", "targets (predicted/measured)"], rows),
-            (f"<p class='note'>Scenario {html.escape(_scenario_text(report))}. * Each measured speedup divides the "
-            "model's measured tokens/s by the parent's measured in turns with it in the same evaluate unit (paired: "
-            "both under the same load), so each row has its own parent figure; † marks a row without a paired "
-            "timing (divided by the parent unit's own measurement). Predicted speedup = predicted model / "
+            (f"<p class='note'>Scenario {html.escape(_scenario_text(report))}. * Each measured speedup is the median, over pairs of "
+            "generations of the model and the parent timed in turns in the same evaluate unit (paired: both under "
+            "the same load), of the parent's time over the model's, so each row has its own parent figure (its "
+            "median tokens/s in the column before); † marks a row without a paired timing (the model's tokens/s "
+            "divided by the parent unit's own measurement). Predicted speedup = predicted model / "
             "predicted parent. KL(parent || model) per held-out token. Task accuracy kept = model task accuracy / "
             "the parent's. Memory = weights + KV cache at the scenario's batch and length, GiB = 2^30 bytes. "
             "# is the number the plots carry.</p>")]

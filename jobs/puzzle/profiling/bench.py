@@ -24,7 +24,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class Measurement:
     backend: str = "torch"
     threads: int = 0  # torch intra-op threads while measuring (CPU)
     clock: str = "wall"  # "cuda_events", "wall" or "thread_cpu"
+    totals_s: list[float] = field(default_factory=list)  # every timed generation's seconds, in the order taken
 
     @property
     def rel_spread(self) -> float:
@@ -163,6 +164,7 @@ class GenerationTimer:
             scenario=sc.model_dump(mode="json"),
             threads=torch.get_num_threads(),
             clock=self.clock,
+            totals_s=totals,
         )
 
 

@@ -20,6 +20,7 @@ records every attempt's spread and whether it is within the bound (``stable``)::
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -100,6 +101,25 @@ def _quantile(sorted_xs: list[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(sorted_xs) - 1)
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def median_interval(samples: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(low, high, coverage): the distribution-free interval of the median, the order statistics
+    x_(j) and x_(n+1-j) with the largest j whose binomial coverage ``1 - 2 P(Bin(n, 1/2) < j)`` is at
+    least ``level``; with fewer than 6 samples no such j exists and the interval is (min, max) at the
+    coverage it has (5 samples: 0.9375)."""
+    if not samples:
+        raise ValueError("samples: an empty list is not allowed; give at least one value")
+    xs, n = sorted(samples), len(samples)
+    below = 0.0  # P(Bin(n, 1/2) < j), accumulated as j grows
+    j, coverage = 1, 1.0 - 2.0 * 0.5 ** n
+    for k in range(1, (n + 1) // 2):
+        below += math.comb(n, k - 1) * 0.5 ** n
+        c = 1.0 - 2.0 * (below + math.comb(n, k) * 0.5 ** n)  # coverage of (x_(k+1), x_(n-k))
+        if c < level:
+            break
+        j, coverage = k + 1, c
+    return xs[j - 1], xs[n - j], coverage
 
 
 def summarize(samples: list[float], inner: int = 1, clock: str = "wall") -> Timing:

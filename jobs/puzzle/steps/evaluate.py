@@ -9,7 +9,8 @@ measures, on the same data for every unit:
 - task: exact match on ``eval.task_examples`` held-out tiny-task (SCAN) episodes;
 - throughput: tokens/s measured per profile scenario (``puzzle.profiling.bench``) next to the
   prediction solve made for this architecture, and the parent's measured in turns with it in the same
-  unit (``paired_speedup``: both under the same load);
+  unit, ``eval.throughput_repeats`` generations each (``paired_speedup``: the median of the pairs'
+  ratios, both under the same load, with its 95% interval);
 - ICL (``eval.icl.enabled``): exact match per dataset:split x selection method; the query programs come
   from the structure predictor (the parent's beams by default, the same for every unit) and the prompt
   budget from the parent's context, so parent and child are shown the same prompts;
@@ -110,7 +111,7 @@ def run(ctx: StepContext) -> None:
     out["throughput"] = {}
     if ev.measure_throughput:
         out["throughput"] = throughput_figures(child, cfg.profile.scenarios, cfg.profile, ctx.unit.get("predicted"),
-                                               seed=cfg.seed, reference=parent)
+                                               seed=cfg.seed, reference=parent, repeats=ev.throughput_repeats)
         for sc, t in out["throughput"].items():
             if t["measured"] is not None:
                 ctx.metrics.set("eval_tokens_per_s", t["measured"]["tokens_per_s"],
