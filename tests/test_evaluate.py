@@ -33,6 +33,8 @@ def evaluated(tmp_path_factory):
         "eval: {tokens: 256, task_examples: 4, measure_throughput: true, throughput_repeats: 3, icl: {enabled: true, "
         "methods: [random, topk, cover_ls], num_demonstrations: 2, num_test: 2, num_beams: 2}}",
     )
+    # two rounds of pairs: the second with fresh copies of both models, as on any CPU with profile.rebuilds
+    text = text.replace("warmup: 0, repeats: 1}", "warmup: 0, repeats: 1, rebuilds: 2}")
     store.put_text("config.yaml", text)
     for uid in ("parent", "sol-0"):
         run_step("assemble", run, unit(run, uid))
@@ -54,8 +56,13 @@ def test_evaluate_writes_every_figure(evaluated):
     tc = c["throughput"]["cpu"]
     # the speedup is the median of the pairs' ratios (one generation of each, back to back), not a ratio of
     # the two medians, and its distribution-free interval holds it
-    got, ref = tc["measured"]["totals_s"], tc["reference_measured"]["totals_s"]
-    assert len(got) == len(ref) == tc["pairs"] == 3, "eval.throughput_repeats pairs"
+    got = [p + d for p, d in tc["measured"]["generations_s"]]
+    ref = [p + d for p, d in tc["reference_measured"]["generations_s"]]
+    assert len(got) == len(ref) == tc["pairs"] == tc["measured"]["repeats"] == 3, "eval.throughput_repeats pairs"
+    assert tc["rounds"] == 2, "profile.rebuilds rounds, 2 pairs and 1"
+    # the model's figure is its median generation over both rounds
+    assert math.isclose(sum(tc["measured"]["generations_s"][sorted(range(3), key=got.__getitem__)[1]]),
+                        statistics.median(got))
     assert math.isclose(tc["paired_speedup"], statistics.median(r / t for t, r in zip(got, ref)))
     assert tc["paired_ci95"][0] <= tc["paired_speedup"] <= tc["paired_ci95"][1]
     assert tc["paired_ci95"] == [min(r / t for t, r in zip(got, ref)), max(r / t for t, r in zip(got, ref))]

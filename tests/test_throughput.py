@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,33 @@ def test_vllm_backend_runs(tmp_path):
     d = save_pretrained(DeciLMForCausalLM(tiny_cfg(PARENT)).eval(), tmp_path / "m")
     res = measure_throughput_vllm(Path(d), Scenario(name="v", batch_size=2, input_len=8, output_len=4, device="cuda"))
     assert res.tokens_per_s > 0 and res.backend == "vllm"
+
+
+def test_median_interval_is_the_binomial_order_statistics_interval():
+    from puzzle.profiling.timing import median_interval
+
+    xs = [float(x) for x in range(20, 0, -1)]  # given unsorted
+    # n = 20: ranks 6 and 15 cover the median with 1 - 2 P(Bin(20, 1/2) <= 5) = 0.9586
+    assert median_interval(xs)[:2] == (6.0, 15.0) and abs(median_interval(xs)[2] - 0.95861) < 1e-4
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0, 0.9375), "5 samples: (min, max), below 95%"
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])[:2] == (1.0, 6.0)
+    lo, hi, cov = median_interval([float(x) for x in range(1, 41)])
+    assert (lo, hi) == (14.0, 27.0) and cov >= 0.95
+    with pytest.raises(ValueError, match="empty"):
+        median_interval([])
+
+
+def test_pooled_measurement_is_the_median_generation_of_every_round():
+    from puzzle.profiling.bench import measure_interleaved, pooled
+
+    sc = Scenario(name="cpu", batch_size=1, input_len=4, output_len=4, device="cpu")
+    model = DeciLMForCausalLM(tiny_cfg(PARENT[:1])).eval()
+    a, b = (measure_interleaved([model], sc, warmup=0, repeats=n)[0] for n in (2, 3))
+    both = pooled([a, b])
+    gens = a.generations_s + b.generations_s
+    totals = sorted(p + d for p, d in gens)
+    assert both.repeats == 5 and both.generations_s == gens
+    assert both.total_s == totals[2] and math.isclose(both.tokens_per_s, 4 / totals[2])
+    assert both.total_spread["min_s"] == totals[0] and both.total_spread["max_s"] == totals[-1]
+    with pytest.raises(ValueError, match="no generations"):
+        pooled([])

@@ -312,8 +312,9 @@ class EvalConfig(_Strict):
     throughput_repeats: int = Field(
         20, ge=1, description="Timed generations of each model per scenario in an evaluate unit, the parent's "
         "taken in turns with the model's: the measured speedup is the median of the pairs' ratios, with its "
-        "95% interval. On a shared 2-core CPU one pair's ratio moves by about 10% and the median of 5 pairs by "
-        "6% (1 sd), of 20 by 2% (BENCHMARKS.md).")
+        "95% interval. On a CPU they are taken in profile.rebuilds rounds, each with fresh copies of both models "
+        "(where a model's tensors land moves its speed). On this project's 2-core CPU one pair's ratio moves by "
+        "about 10%, the median of 5 pairs by 6% (1 sd), of 20 by 2% (BENCHMARKS.md).")
     baselines: bool = Field(True, description="Also build and evaluate the uniform-FFN and layer-drop baselines "
                             "(two settings each, bracketing the first solution's throughput).")
     generation_batch_size: int = Field(16, ge=1, description="Prompts generated together (task exact match, ICL).")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -126,9 +127,9 @@ def throughput_figures(
     distribution-free 95% interval (``paired_ci95``). On a shared CPU the speed drifts between units
     and within one unit by more than a child differs from its neighbour: a ratio of models timed apart
     would carry that drift, and one of medians taken minutes apart part of it. ``repeats``: timed
-    generations of each model (default ``settings.repeats``; the evaluate step passes
-    ``eval.throughput_repeats``)."""
-    from puzzle.profiling.bench import measure_interleaved
+    generations of each model in all (default ``settings.repeats``; the evaluate step passes
+    ``eval.throughput_repeats``), on a CPU spread over ``settings.rebuilds`` rounds of fresh copies."""
+    from puzzle.profiling.bench import measure_interleaved, pooled
     from puzzle.profiling.device import target_device
     from puzzle.profiling.timing import cpu_clock, median_interval
 
@@ -141,15 +142,30 @@ def throughput_figures(
             out[sc.name] = {"predicted": pred, "measured": None,
                             "reason": f"device {sc.device!r} is absent on this machine"}
             continue
-        got = measure_interleaved([model] if reference is None else [model, reference], sc,
-                                  warmup=settings.warmup, repeats=repeats or settings.repeats,
-                                  cuda_graphs=settings.cuda_graphs, seed=seed, clock=clock)
-        m = got[0].to_dict()
+        models = [model] if reference is None else [model, reference]
+        # On a CPU the pairs are taken in profile.rebuilds rounds, from the second on with fresh copies of
+        # the models: where a model's tensors land moves its speed between processes and builds by more
+        # than between its generations (the median of 10 pairs of one child: 1.85-2.03x over four builds in
+        # one process), as the profile's rounds build every variant afresh for the same reason.
+        rounds = max(1, settings.rebuilds) if target_device(sc).type == "cpu" else 1
+        total = repeats or settings.repeats
+        got: list[list[Any]] = [[] for _ in models]
+        for r in range(min(rounds, total)):
+            ms = models if r == 0 else [copy.deepcopy(x) for x in models]
+            n = total // rounds + (1 if r < total % rounds else 0)
+            for i, one in enumerate(measure_interleaved(ms, sc, warmup=settings.warmup if r == 0 else 1, repeats=n,
+                                                        cuda_graphs=settings.cuda_graphs, seed=seed, clock=clock)):
+                got[i].append(one)
+            del ms
+        mine = pooled(got[0])
+        m = mine.to_dict()
         ratio = m["tokens_per_s"] / pred["tokens_per_s"] if pred and pred.get("tokens_per_s") else None
-        out[sc.name] = {"predicted": pred, "measured": m, "measured_over_predicted": ratio}
+        out[sc.name] = {"predicted": pred, "measured": m, "measured_over_predicted": ratio,
+                        "rounds": len(got[0])}
         if reference is not None:
-            ref = got[1].to_dict()
-            pairs = [r / t for t, r in zip(m["totals_s"], ref["totals_s"])]
+            theirs = pooled(got[1])
+            ref = theirs.to_dict()
+            pairs = [r / t for t, r in zip(mine.totals_s, theirs.totals_s)]
             lo, hi, coverage = median_interval(pairs)
             out[sc.name] |= {"reference_measured": ref, "paired_speedup": statistics.median(pairs),
                              "paired_ci95": [lo, hi], "paired_ci_coverage": coverage, "pairs": len(pairs)}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,12 @@ class Measurement:
     backend: str = "torch"
     threads: int = 0  # torch intra-op threads while measuring (CPU)
     clock: str = "wall"  # "cuda_events", "wall" or "thread_cpu"
-    totals_s: list[float] = field(default_factory=list)  # every timed generation's seconds, in the order taken
+    generations_s: list[list[float]] = field(default_factory=list)  # [prefill s, decode s] of every timed
+    # generation, in the order taken (paired speedups divide two models' generations taken back to back)
+
+    @property
+    def totals_s(self) -> list[float]:
+        return [p + d for p, d in self.generations_s]
 
     @property
     def rel_spread(self) -> float:
@@ -76,6 +81,21 @@ class Measurement:
         d = asdict(self)
         d["total_s"] = self.total_s
         return d
+
+
+def pooled(ms: Sequence[Measurement]) -> Measurement:
+    """One model's measurements (rounds of one scenario, each with its own build) as one: the median
+    generation over all of them, their spread, and every generation in the order taken."""
+    gens = [g for m in ms for g in m.generations_s]
+    if not gens:
+        raise ValueError("ms: no generations to pool; give measurements taken by measure_interleaved")
+    totals = [p + d for p, d in gens]
+    prefill_s, decode_s = gens[sorted(range(len(gens)), key=totals.__getitem__)[len(gens) // 2]]
+    sc = ms[0].scenario
+    steps = max(len(decode_contexts(sc["input_len"], sc["output_len"])), 1)
+    return replace(ms[0], tokens_per_s=sc["batch_size"] * sc["output_len"] / (prefill_s + decode_s),
+                   prefill_s=prefill_s, decode_s=decode_s, decode_step_s=decode_s / steps, repeats=len(gens),
+                   total_spread=spread_of(summarize(totals)), generations_s=[list(g) for g in gens])
 
 
 def spread_of(t: Timing) -> dict[str, float]:
@@ -164,7 +184,7 @@ class GenerationTimer:
             scenario=sc.model_dump(mode="json"),
             threads=torch.get_num_threads(),
             clock=self.clock,
-            totals_s=totals,
+            generations_s=[list(r) for r in runs],
         )
 
 
