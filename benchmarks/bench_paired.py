@@ -25,25 +25,15 @@ from pathlib import Path
 import torch
 from puzzle.config import load_config
 from puzzle.model import load_parent
-from puzzle.profiling.bench import GenerationTimer
-from puzzle.profiling.device import cpu_model, target_device
+from puzzle.profiling.bench import measure_interleaved
+from puzzle.profiling.device import cpu_model
 from puzzle.profiling.timing import cpu_clock, median_interval
 
 
-def pairs_of(child, parent, scenario, n: int, clock: str) -> list[float]:
-    """``n`` pairs' ratios (the parent's generation seconds over the child's), after one untimed each."""
-    dev = target_device(scenario)
-    tc = GenerationTimer(child, scenario, dev, False, 0, clock)
-    tp = GenerationTimer(parent, scenario, dev, False, 0, clock)
-    try:
-        tc.once(), tp.once()
-        out = []
-        for _ in range(n):
-            c, p = sum(tc.once()), sum(tp.once())
-            out.append((c, p))
-        return out
-    finally:
-        tc.close(), tp.close()
+def pairs_of(child, parent, scenario, n: int, clock: str) -> list[tuple[float, float]]:
+    """``n`` pairs (the child's generation seconds, then the parent's), as evaluate takes them."""
+    c, p = measure_interleaved([child, parent], scenario, warmup=1, repeats=n, cuda_graphs=False, clock=clock)
+    return list(zip(c.totals_s, p.totals_s))
 
 
 def main() -> None:

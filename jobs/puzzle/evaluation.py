@@ -147,12 +147,12 @@ def throughput_figures(
         # the models: where a model's tensors land moves its speed between processes and builds by more
         # than between its generations (the median of 10 pairs of one child: 1.85-2.03x over four builds in
         # one process), as the profile's rounds build every variant afresh for the same reason.
-        rounds = max(1, settings.rebuilds) if target_device(sc).type == "cpu" else 1
         total = repeats or settings.repeats
+        rounds = min(settings.rebuilds, total) if target_device(sc).type == "cpu" else 1
         got: list[list[Any]] = [[] for _ in models]
-        for r in range(min(rounds, total)):
+        for r in range(rounds):
             ms = models if r == 0 else [copy.deepcopy(x) for x in models]
-            n = total // rounds + (1 if r < total % rounds else 0)
+            n = total // rounds + (r < total % rounds)
             for i, one in enumerate(measure_interleaved(ms, sc, warmup=settings.warmup if r == 0 else 1, repeats=n,
                                                         cuda_graphs=settings.cuda_graphs, seed=seed, clock=clock)):
                 got[i].append(one)
@@ -169,8 +169,6 @@ def throughput_figures(
             lo, hi, coverage = median_interval(pairs)
             out[sc.name] |= {"reference_measured": ref, "paired_speedup": statistics.median(pairs),
                              "paired_ci95": [lo, hi], "paired_ci_coverage": coverage, "pairs": len(pairs)}
-            if pred and pred.get("speedup"):
-                out[sc.name]["paired_speedup_over_predicted"] = out[sc.name]["paired_speedup"] / pred["speedup"]
     return out
 
 

@@ -86,16 +86,22 @@ class Measurement:
 def pooled(ms: Sequence[Measurement]) -> Measurement:
     """One model's measurements (rounds of one scenario, each with its own build) as one: the median
     generation over all of them, their spread, and every generation in the order taken."""
-    gens = [g for m in ms for g in m.generations_s]
+    gens = [list(g) for m in ms for g in m.generations_s]
     if not gens:
         raise ValueError("ms: no generations to pool; give measurements taken by measure_interleaved")
-    totals = [p + d for p, d in gens]
+    return _median_of(replace(ms[0], generations_s=gens))
+
+
+def _median_of(m: Measurement) -> Measurement:
+    """``m`` with its figures taken from its generations: the median one's prefill and decode, their
+    tokens/s, and the spread of every generation's total."""
+    gens, sc = m.generations_s, m.scenario
+    totals = m.totals_s
     prefill_s, decode_s = gens[sorted(range(len(gens)), key=totals.__getitem__)[len(gens) // 2]]
-    sc = ms[0].scenario
     steps = max(len(decode_contexts(sc["input_len"], sc["output_len"])), 1)
-    return replace(ms[0], tokens_per_s=sc["batch_size"] * sc["output_len"] / (prefill_s + decode_s),
+    return replace(m, tokens_per_s=sc["batch_size"] * sc["output_len"] / (prefill_s + decode_s),
                    prefill_s=prefill_s, decode_s=decode_s, decode_step_s=decode_s / steps, repeats=len(gens),
-                   total_spread=spread_of(summarize(totals)), generations_s=[list(g) for g in gens])
+                   total_spread=spread_of(summarize(totals)))
 
 
 def spread_of(t: Timing) -> dict[str, float]:
@@ -161,31 +167,24 @@ class GenerationTimer:
 
     def measurement(self) -> Measurement:
         """The median of the timed generations (``self.runs``)."""
-        runs, sc = self.runs, self.scenario
-        totals = [p + d for p, d in runs]
-        mid = sorted(range(len(runs)), key=lambda i: totals[i])[len(runs) // 2]  # the median generation
-        prefill_s, decode_s = runs[mid]
+        sc = self.scenario
         counts = model_counts(self.model.config)
         weight = counts.weight_bytes(sc.dtype)
         kv = counts.kv_cache_bytes(sc.batch_size, sc.input_len + sc.output_len, sc.dtype)
-        return Measurement(
-            tokens_per_s=sc.batch_size * sc.output_len / (prefill_s + decode_s),
-            prefill_s=prefill_s,
-            decode_s=decode_s,
-            decode_step_s=decode_s / max(len(self.contexts), 1),
+        # the figures of the median generation are filled in from generations_s
+        return _median_of(Measurement(
+            tokens_per_s=0.0, prefill_s=0.0, decode_s=0.0, decode_step_s=0.0, repeats=0, total_spread={},
             memory_bytes=weight + kv,
             weight_bytes=weight,
             kv_bytes=kv,
             device=device_name(self.device),
             torch_version=torch.__version__,
-            repeats=len(runs),
             cuda_graphs=self.engine.use_graphs,
-            total_spread=spread_of(summarize(totals)),
             scenario=sc.model_dump(mode="json"),
             threads=torch.get_num_threads(),
             clock=self.clock,
-            generations_s=[list(r) for r in runs],
-        )
+            generations_s=[list(r) for r in self.runs],
+        ))
 
 
 @torch.no_grad()
